@@ -1,0 +1,1 @@
+"""Prefect flows that run the stage functions of `tasks` as tasks."""

@@ -1,0 +1,1 @@
+"""Stage functions of the transfer study: prepare, pretrain, extract, finetune, compare."""

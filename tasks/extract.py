@@ -1,0 +1,78 @@
+"""Stage `extract`: run the frozen pretrained backbone once over a target's splits."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from tasks import runtime
+from tasks.cli import run_stage
+from tasks.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
+from tasks.layout import Layout
+from tasks.models import CheckpointError, classifier_from_checkpoint
+from tasks.params import Params, ParamsError
+from tasks.tracking import Run
+
+log = logging.getLogger(__name__)
+
+
+def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, int]:
+    """Write data/features/<target>/{train,val,test}.npz with x (N, D) float32 and y (N,)."""
+    device = runtime.configure(params.runtime)
+    prepared = layout.prepared(target)
+    meta = load_meta(prepared)
+    model = classifier_from_checkpoint(layout.checkpoint, num_classes=1, seed=0)
+    expected = [model.arch["in_channels"], model.arch["length"]]
+    if expected != meta["input_shape"]:
+        raise CheckpointError(
+            f"{layout.checkpoint}: backbone takes inputs of shape (C, L) = {expected}, "
+            f"target {target!r} has {meta['input_shape']}"
+        )
+    backbone = model.backbone.to(device).eval()
+    features = {}
+    with run.child(f"extract {target}", tags={"stage": "extract", "target": target}) as stage:
+        for split in SPLITS:
+            data = load_split(prepared, split)
+            features[split] = Labelled(
+                _embed(backbone, data.x, device, params.extract.batch_size), data.y
+            )
+        save_splits(
+            layout.features(target),
+            features,
+            {**meta, "feature_dim": int(features["train"].x.shape[1])},
+        )
+        stage.log(
+            params={"target": target, "feature_dim": features["train"].x.shape[1]},
+            metrics={f"{s}_size": len(f) for s, f in features.items()},
+        )
+    log.info("extracted %s features: %s", target, {s: f.x.shape for s, f in features.items()})
+    return {split: len(f) for split, f in features.items()}
+
+
+@torch.no_grad()
+def _embed(backbone: torch.nn.Module, x, device: torch.device, batch_size: int):
+    chunks = [
+        backbone(torch.from_numpy(x[start : start + batch_size]).to(device)).float().cpu()
+        for start in range(0, len(x), batch_size)
+    ]
+    return torch.cat(chunks).numpy()  # (N, D)
+
+
+def check_target(params: Params, target: str) -> None:
+    if target not in params.targets:
+        raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
+
+
+def _body(params: Params, layout: Layout, run: Run, args: argparse.Namespace) -> None:
+    check_target(params, args.target)
+    extract(params, args.target, layout, run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, _body, argv, lambda p: p.add_argument("--target", required=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Stage `finetune`: for one target, every strategy x label fraction x seed, scratch included.
+
+Each run tunes its learning rate (or, for the probe, its L2 strength) on the validation split and
+is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks import files, runtime
+from tasks.cli import run_stage
+from tasks.datasets import SPLITS, Labelled, load_meta, load_split
+from tasks.extract import check_target
+from tasks.layout import Layout
+from tasks.models import Classifier, build_classifier, load_checkpoint, pretrained_classifier
+from tasks.params import FinetuneParams, Params
+from tasks.probe import fit_probe
+from tasks.subsets import label_subset
+from tasks.tracking import Run
+from tasks.train import DeviceData, evaluate, fit
+
+log = logging.getLogger(__name__)
+
+RESULT_COLUMNS = [
+    "target", "strategy", "fraction", "seed", "n_labels", "lr", "l2",
+    "val_acc", "test_acc", "best_epoch", "epochs_run",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TargetData:
+    """What every run of one target reads, loaded once."""
+
+    inputs: dict[str, Labelled]  # prepared splits: x (N, C, L)
+    features: dict[str, Labelled]  # frozen-backbone features: x (N, D)
+    num_classes: int
+    checkpoint: dict[str, Any]  # the pretrained payload (see tasks.models)
+    checkpoint_path: Path
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class Outcome:
+    val_acc: float
+    test_acc: float
+    hparams: dict[str, float]  # the chosen lr or l2
+    history: list[dict[str, float]] = field(default_factory=list)  # of the chosen run
+    best_epoch: int = -1
+
+
+def _probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
+    def tensors(split: str, index: np.ndarray | slice = slice(None)):
+        return (
+            torch.from_numpy(data.features[split].x[index]),
+            torch.from_numpy(data.features[split].y[index]),
+        )
+
+    result = fit_probe(
+        tensors("train", subset), tensors("val"), tensors("test"), data.num_classes, cfg.probe_l2
+    )
+    return Outcome(result.val_acc, result.test_acc, {"l2": result.l2})
+
+
+def _scratch_model(data: TargetData, seed: int) -> Classifier:
+    return build_classifier(data.checkpoint["arch"], data.num_classes, seed)
+
+
+def _pretrained_model(data: TargetData, seed: int) -> Classifier:
+    return pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path)
+
+
+def _network(
+    make_model: Callable[[TargetData, int], Classifier],
+    backbone_lr_scale: Callable[[FinetuneParams], float],
+) -> Callable[[TargetData, np.ndarray, FinetuneParams, int], Outcome]:
+    """A strategy that trains a network: the same loop and lr grid, its own init and rates."""
+
+    def run(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
+        train = DeviceData.from_arrays(data.inputs["train"].take(subset), data.device)
+        val = DeviceData.from_arrays(data.inputs["val"], data.device)
+        best: tuple[float, float, Classifier, Any] | None = None
+        for lr in cfg.lrs:
+            model = make_model(data, seed).to(data.device)
+            groups = [
+                {"params": model.backbone.parameters(), "lr": lr * backbone_lr_scale(cfg)},
+                {"params": model.head.parameters(), "lr": lr},
+            ]
+            result = fit(model, groups, train, val, cfg, seed=seed)
+            if best is None or result.best_val_acc > best[0]:
+                best = (result.best_val_acc, lr, model, result)
+        val_acc, lr, model, result = best
+        test = DeviceData.from_arrays(data.inputs["test"], data.device)
+        test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
+        return Outcome(val_acc, test_acc, {"lr": lr}, result.history, result.best_epoch)
+
+    return run
+
+
+STRATEGIES: dict[str, Callable[[TargetData, np.ndarray, FinetuneParams, int], Outcome]] = {
+    "scratch": _network(_scratch_model, lambda cfg: 1.0),
+    "linear_probe": _probe,
+    "finetune": _network(_pretrained_model, lambda cfg: cfg.backbone_lr_scale),
+}
+
+
+def load_target(params: Params, target: str, layout: Layout) -> TargetData:
+    device = runtime.configure(params.runtime)
+    return TargetData(
+        inputs={s: load_split(layout.prepared(target), s) for s in SPLITS},
+        features={s: load_split(layout.features(target), s) for s in SPLITS},
+        num_classes=load_meta(layout.prepared(target))["num_classes"],
+        checkpoint=load_checkpoint(layout.checkpoint),
+        checkpoint_path=layout.checkpoint,
+        device=device,
+    )
+
+
+def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFrame:
+    """Run the grid for one target and write its results table."""
+    cfg = params.finetune
+    data = load_target(params, target, layout)
+    train_y = data.inputs["train"].y
+    rows = []
+    with run.child(f"finetune {target}", tags={"stage": "finetune", "target": target}) as stage:
+        for strategy in cfg.strategies:
+            for fraction in cfg.fractions:
+                for seed in cfg.seeds:
+                    subset = label_subset(train_y, fraction, seed)
+                    outcome = STRATEGIES[strategy](data, subset, cfg, seed)
+                    row = {
+                        "target": target, "strategy": strategy, "fraction": fraction,
+                        "seed": seed, "n_labels": len(subset), "lr": np.nan, "l2": np.nan,
+                        "val_acc": outcome.val_acc, "test_acc": outcome.test_acc,
+                        "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
+                    } | outcome.hparams  # fmt: skip
+                    rows.append(row)
+                    _record(stage, row, outcome)
+                    log.info(
+                        "%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
+                        target,
+                        strategy,
+                        fraction,
+                        seed,
+                        len(subset),
+                        outcome.test_acc,
+                    )
+    table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    path = layout.results(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_text(path, table.to_csv(index=False))
+    return table
+
+
+def _record(stage: Run, row: dict[str, Any], outcome: Outcome) -> None:
+    kind = "scratch" if row["strategy"] == "scratch" else "transfer"
+    name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
+    with stage.child(
+        name, tags={"target": row["target"], "strategy": row["strategy"], "kind": kind}
+    ) as child:
+        keys = ("target", "strategy", "fraction", "seed", "n_labels")
+        child.log(
+            params={k: row[k] for k in keys} | outcome.hparams,
+            metrics={"val/acc": outcome.val_acc, "test/acc": outcome.test_acc},
+        )
+        child.log_history(outcome.history)
+
+
+def _body(params: Params, layout: Layout, run: Run, args: argparse.Namespace) -> None:
+    check_target(params, args.target)
+    finetune(params, args.target, layout, run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, _body, argv, lambda p: p.add_argument("--target", required=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Stage `prepare`: build the source and every target dataset with fixed, stratified splits."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tasks.cli import run_stage
+from tasks.datasets import SPLITS, build_splits, save_splits
+from tasks.layout import Layout
+from tasks.params import Params
+from tasks.tracking import Run
+
+log = logging.getLogger(__name__)
+
+
+def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int]]:
+    """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes."""
+    datasets = {"source": params.source, **params.targets}
+    sizes = {}
+    with run.child("prepare", tags={"stage": "prepare"}) as stage:
+        for name, spec in datasets.items():
+            where = "source" if name == "source" else f"targets.{name}"
+            splits = build_splits(spec, params.split, where=f"{where} ({spec.kind})")
+            classes = spec.classes or list(range(int(splits["train"].y.max()) + 1))
+            sizes[name] = {split: len(splits[split]) for split in SPLITS}
+            meta = {
+                "name": name,
+                "spec": spec.model_dump(mode="json"),
+                "classes": classes,  # original label of each class index 0..K-1
+                "num_classes": len(classes),
+                "input_shape": list(splits["train"].x.shape[1:]),  # (C, L)
+                "sizes": sizes[name],
+                "train_class_counts": np.bincount(splits["train"].y).tolist(),
+            }
+            save_splits(layout.prepared(name), splits, meta)
+            log.info("prepared %s: %s", name, sizes[name])
+        stage.log(
+            params={"datasets": ",".join(datasets)},
+            metrics={f"{n}/{s}_size": v for n, split in sizes.items() for s, v in split.items()},
+        )
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, lambda params, layout, run, _: prepare(params, layout, run), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Stage `pretrain`: supervised pretraining of the backbone on the source dataset."""
+
+from __future__ import annotations
+
+import logging
+
+from tasks import files, runtime
+from tasks.cli import run_stage
+from tasks.datasets import load_meta, load_split
+from tasks.layout import Layout
+from tasks.models import architecture, build_classifier, save_checkpoint
+from tasks.params import Params
+from tasks.tracking import Run
+from tasks.train import DeviceData, evaluate, fit
+
+log = logging.getLogger(__name__)
+
+
+def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
+    """Train on source train/val; write the self-describing checkpoint and its metrics."""
+    cfg = params.pretrain
+    device = runtime.configure(params.runtime)
+    source = layout.prepared("source")
+    meta = load_meta(source)
+    train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
+    arch = architecture(params.model, tuple(meta["input_shape"]))
+    model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
+
+    with run.child("pretrain", tags={"stage": "pretrain"}) as stage:
+        stage.log(
+            params={**cfg.model_dump(), **arch, "device": device.type, "n_train": len(train)}
+        )
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            stage.log(metrics=metrics, step=epoch)  # one batched request per epoch
+            log.info("pretrain epoch %d: %s", epoch, _fmt(metrics))
+
+        result = fit(
+            model,
+            [{"params": model.parameters(), "lr": cfg.lr}],
+            train,
+            val,
+            cfg,
+            seed=cfg.seed,
+            on_epoch=on_epoch,
+        )
+        summary = {
+            "val_acc": result.best_val_acc,
+            "val_loss": evaluate(model, val, 1024)["loss"],
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+        }
+        save_checkpoint(
+            layout.checkpoint,
+            model,
+            params={"model": params.model.model_dump(), "pretrain": cfg.model_dump()},
+            source_meta=meta,
+            metrics=summary,
+        )
+        files.write_json(layout.checkpoint_meta, {"arch": arch, "metrics": summary})
+        stage.log(metrics={"best/val_acc": summary["val_acc"]})
+    log.info(
+        "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
+    )
+    return summary
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage(__doc__, lambda params, layout, run, _: pretrain(params, layout, run), argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""Where and how a stage computes: device choice and the intra-op thread count."""
+
+from __future__ import annotations
+
+import torch
+
+from tasks.params import RuntimeParams
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' takes cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def configure(runtime: RuntimeParams) -> torch.device:
+    """Apply the runtime params to this process and return the device to train on.
+
+    The thread count is part of the result: the same run with 1 and 2 intra-op threads ends
+    with different weights on CPU, so every execution path sets the same value from params.
+    """
+    torch.set_num_threads(runtime.threads)
+    device = resolve_device(runtime.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device

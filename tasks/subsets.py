@@ -1,0 +1,22 @@
+"""Label budgets: which training examples a run may see at a given fraction and seed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Indices of a stratified `fraction` of `y`, at least one example per class, sorted.
+
+    Each class is ordered by a permutation that depends on the seed and the class only, and the
+    subset takes a prefix of it: so subsets are nested across fractions (5% contains 2%) and
+    identical across strategies for the same seed, which makes their comparison paired.
+    """
+    chosen = []
+    for label in np.unique(y):
+        members = np.flatnonzero(y == label)
+        order = np.random.default_rng([seed, int(label)]).permutation(members)
+        chosen.append(order[: max(1, math.ceil(fraction * len(members)))])
+    return np.sort(np.concatenate(chosen))

@@ -1,0 +1,107 @@
+"""The one supervised training loop, shared by pretraining and every fine-tuning strategy.
+
+Small data lives on the device and is batched by index; the loss is summed on the device and read
+once per epoch, so the inner loop has no host-device sync. Early stopping watches validation
+accuracy (ties go to the lower validation loss); the test split never reaches this module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.datasets import Labelled
+from tasks.params import TrainParams
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    x: torch.Tensor  # (N, C, L) float32 on the training device
+    y: torch.Tensor  # (N,) int64 on the training device
+
+    @classmethod
+    def from_arrays(cls, data: Labelled, device: torch.device) -> DeviceData:
+        return cls(torch.from_numpy(data.x).to(device), torch.from_numpy(data.y).to(device))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    state: dict[str, torch.Tensor]  # the weights of the best epoch
+    best_epoch: int  # 0-based
+    best_val_acc: float
+    history: list[dict[str, float]]  # one entry per epoch: train/loss, val/loss, val/acc
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    # bf16 autocast where it pays (CUDA); a no-op elsewhere so CPU results stay exact.
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over `data`; one host sync at the end."""
+    model.eval()
+    loss_sum = torch.zeros((), device=data.y.device)
+    correct = torch.zeros((), device=data.y.device, dtype=torch.int64)
+    for start in range(0, len(data), batch_size):
+        x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        with _autocast(x.device):
+            logits = model(x).float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    loss, acc = (torch.stack([loss_sum, correct.float()]) / len(data)).tolist()
+    return {"loss": loss, "acc": acc}
+
+
+def fit(
+    model: nn.Module,
+    param_groups: Iterable[dict],
+    train: DeviceData,
+    val: DeviceData,
+    cfg: TrainParams,
+    seed: int,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs."""
+    device = train.y.device
+    order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
+    optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
+    best: tuple[float, float] = (-1.0, float("inf"))  # (val acc, -val loss) to maximise
+    best_state, best_epoch, history = None, -1, []
+    for epoch in range(cfg.max_epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=order_rng).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, len(train), cfg.batch_size):
+            index = order[start : start + cfg.batch_size]
+            with _autocast(device):
+                loss = F.cross_entropy(model(train.x[index]).float(), train.y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(index)
+
+        scores = evaluate(model, val, max(cfg.batch_size, 1024))
+        metrics = {
+            "train/loss": loss_sum.item() / len(train),
+            "val/loss": scores["loss"],
+            "val/acc": scores["acc"],
+        }
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if (scores["acc"], -scores["loss"]) > (best[0], -best[1]):
+            best, best_epoch = (scores["acc"], scores["loss"]), epoch
+            best_state = copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    return FitResult(best_state, best_epoch, best[0], history)

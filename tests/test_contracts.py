@@ -1,0 +1,79 @@
+"""dvc.yaml and the stage contracts in code have not drifted apart."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from flows import pipeline
+from tasks.layout import Layout
+from tasks.params import Params, load_params
+from tests.helpers import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+STAGES = ["prepare", "pretrain", "extract", "finetune", "compare"]
+KEY = "${key}"
+
+
+def body(stage: str) -> dict:
+    return DVC[stage].get("do", DVC[stage])
+
+
+def test_stage_name_is_module_is_function_and_the_flow_runs_the_same_function() -> None:
+    assert list(DVC) == STAGES
+    for stage in STAGES:
+        assert body(stage)["cmd"].startswith(f"python -m tasks.{stage}")
+        module = importlib.import_module(f"tasks.{stage}")
+        assert callable(getattr(module, stage)) and callable(module.main)
+        assert f"tasks/{stage}.py" in body(stage)["deps"] or stage == "compare"
+        assert getattr(pipeline, f"{stage}_task").fn is getattr(module, stage)
+    assert "tasks/compare.py" in body("compare")["deps"]
+
+
+def test_outputs_are_the_layout_paths() -> None:
+    layout = Layout(Path("."))
+
+    def rel(path: Path) -> str:
+        return path.as_posix()
+
+    assert body("prepare")["outs"] == [rel(layout.prepared("source").parent)]
+    assert body("pretrain")["outs"] == [rel(layout.checkpoint)]
+    assert body("pretrain")["metrics"] == [rel(layout.checkpoint_meta)]
+    assert body("extract")["outs"] == [rel(layout.features(KEY))]
+    assert body("finetune")["outs"] == [rel(layout.results(KEY))]
+    reports = rel(layout.reports)
+    assert body("compare")["outs"] == [f"{reports}/comparison.csv", f"{reports}/comparison.md"]
+    assert body("compare")["metrics"] == [f"{reports}/metrics.json"]
+    assert body("compare")["plots"] == [f"{reports}/plots"]
+
+
+def test_inputs_are_the_upstream_outputs() -> None:
+    layout = Layout(Path("."))
+    assert rel_in(layout.prepared("source"), body("pretrain")["deps"])
+    for stage in ("extract", "finetune"):
+        assert rel_in(layout.prepared(KEY), body(stage)["deps"])
+        assert rel_in(layout.checkpoint, body(stage)["deps"])
+    assert rel_in(layout.features(KEY), body("finetune")["deps"])
+    assert rel_in(layout.results(KEY).parent, body("compare")["deps"])
+
+
+def rel_in(path: Path, deps: list[str]) -> bool:
+    return path.as_posix() in deps
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_declared_params_are_sections_of_the_schema(stage: str) -> None:
+    for key in body(stage).get("params", []):
+        assert key.split(".")[0] in Params.model_fields, key
+
+
+def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
+    params = load_params(REPO / "params.yaml")
+    with Repo(str(REPO)) as repo:
+        names = {stage.addressing for stage in repo.index.stages}
+    per_target = {f"{s}@{t}" for s in ("extract", "finetune") for t in params.targets}
+    assert names == {"prepare", "pretrain", "compare"} | per_target

@@ -1,0 +1,99 @@
+"""Backbones, seeded init, and self-describing checkpoints that never execute code on load."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.models import (
+    CheckpointError,
+    architecture,
+    build_classifier,
+    classifier_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from tasks.params import ModelParams
+
+ARCH = architecture(ModelParams(channels=[4, 8], kernel_size=5), (1, 40))
+
+
+@pytest.mark.parametrize("backbone", ["cnn1d", "mlp"])
+def test_backbones_map_inputs_to_feature_dim(backbone: str) -> None:
+    arch = architecture(ModelParams(backbone=backbone, hidden=[16]), (2, 40))
+    model = build_classifier(arch, num_classes=3, seed=0)
+    x = torch.randn(5, 2, 40)
+    assert model.features(x).shape == (5, model.backbone.feature_dim)
+    assert model(x).shape == (5, 3)
+
+
+def test_same_seed_same_weights_even_from_parallel_threads() -> None:
+    expected = {s: build_classifier(ARCH, 3, seed=s).state_dict() for s in range(4)}
+    built: dict[int, dict] = {}
+
+    def build(seed: int) -> None:
+        for _ in range(5):
+            torch.rand(100)  # other threads drawing from the global RNG meanwhile
+        built[seed] = build_classifier(ARCH, 3, seed=seed).state_dict()
+
+    threads = [threading.Thread(target=build, args=(s,)) for s in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in range(4):
+        for key, value in expected[seed].items():
+            assert torch.equal(value, built[seed][key])
+    assert not torch.equal(expected[0]["head.weight"], expected[1]["head.weight"])
+
+
+def test_checkpoint_rebuilds_the_backbone_from_the_file_alone(tmp_path: Path) -> None:
+    model = build_classifier(ARCH, num_classes=5, seed=1)
+    path = tmp_path / "backbone.pt"
+    save_checkpoint(path, model, metrics={"val_acc": 0.5})
+    payload = load_checkpoint(path)
+    assert payload["arch"] == ARCH and payload["metrics"] == {"val_acc": 0.5}
+    fresh = classifier_from_checkpoint(path, num_classes=3, seed=7)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(fresh.backbone.state_dict()[key], value)
+    assert fresh.head.out_features == 3  # a new head for the target
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save(
+        {"format": 1, "arch": ARCH, "num_classes": 2, "state_dict": {}, "x": _Exploit()}, path
+    )
+    with pytest.raises(CheckpointError, match=r"refused to load"):
+        load_checkpoint(path)
+    with pytest.raises(pickle.UnpicklingError):  # and torch itself refused, not our check
+        torch.load(path, weights_only=True)
+
+
+def test_truncated_and_foreign_checkpoints_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "backbone.pt"
+    save_checkpoint(path, build_classifier(ARCH, 2, seed=0))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=rf"{path}: truncated or corrupt"):
+        load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match=r"not a checkpoint of this pipeline"):
+        load_checkpoint(path)
+
+
+def test_weights_that_do_not_fit_the_declared_arch(tmp_path: Path) -> None:
+    path = tmp_path / "backbone.pt"
+    model = build_classifier(ARCH, 2, seed=0)
+    model.arch = {**ARCH, "channels": [4, 16]}  # declares other widths than it holds
+    save_checkpoint(path, model)
+    with pytest.raises(CheckpointError, match=r"weights do not fit the architecture"):
+        classifier_from_checkpoint(path, 2, seed=0)

@@ -1,0 +1,137 @@
+"""params.yaml is validated before any work, with one line naming the key and the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import ParamsError, load_params
+from tests.helpers import REPO, TINY
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def mutated(tmp_path: Path, edit) -> Path:
+    doc = yaml.safe_load(TINY.read_text())
+    edit(doc)
+    return write(tmp_path, yaml.safe_dump(doc))
+
+
+def test_shipped_params_files_are_valid() -> None:
+    default = load_params(REPO / "params.yaml")
+    tiny = load_params(TINY)
+    assert set(default.targets) >= {"new_classes", "shifted"}
+    assert len(default.finetune.fractions) >= 2 and len(default.finetune.seeds) >= 2
+    assert set(default.finetune.strategies) == {"scratch", "linear_probe", "finetune"}
+    assert default.model_fields_set == tiny.model_fields_set  # the same schema, both sizes
+
+
+def test_params_are_frozen(tiny_params) -> None:
+    with pytest.raises(ValueError):
+        tiny_params.pretrain.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["finetune"].update(sedds=[0]), "finetune.sedds: unknown key"),
+        (
+            lambda d: d["targets"]["shifted"]["generator"].update(noise=1),
+            "targets.shifted.generator.noise: unknown key",
+        ),
+        (lambda d: d.update(extra=1), "extra: unknown key"),
+        (
+            lambda d: d["pretrain"].update(max_epochs="many"),
+            "pretrain.max_epochs: Input should be a valid integer",
+        ),
+        (
+            lambda d: d["pretrain"].update(max_epochs=0),
+            "pretrain.max_epochs: Input should be greater than 0",
+        ),
+        (
+            lambda d: d["finetune"].update(batch_size=-4),
+            "finetune.batch_size: Input should be greater than 0",
+        ),
+        (
+            lambda d: d["finetune"].update(fractions=[0.5, 1.5]),
+            "finetune.fractions.1: Input should be less than or equal to 1",
+        ),
+        (
+            lambda d: d["finetune"].update(fractions=[0.0]),
+            "finetune.fractions.0: Input should be greater than 0",
+        ),
+        (lambda d: d.update(targets={}), "targets: Value error, must name at least one target"),
+        (
+            lambda d: d["finetune"].update(strategies=["scratch", "magic"]),
+            "finetune.strategies.1: Input should be 'scratch'",
+        ),
+        (
+            lambda d: d["finetune"].update(strategies=["linear_probe"]),
+            "finetune.strategies: Value error, must include 'scratch'",
+        ),
+        (
+            lambda d: d["source"].update(kind="parquet"),
+            "source.kind: Input should be 'mnist1d' or 'npz'",
+        ),
+        (
+            lambda d: d["model"].update(backbone="resnet"),
+            "model.backbone: Input should be 'cnn1d' or 'mlp'",
+        ),
+        (
+            lambda d: d["targets"]["shifted"].update(classes=[]),
+            "targets.shifted.classes: Value error, must name at least one class",
+        ),
+        (lambda d: d.pop("source"), "source: required key is missing"),
+        (
+            lambda d: d["split"].update(val=0.5, test=0.5),
+            "split: Value error, val + test must be below 1",
+        ),
+    ],
+)
+def test_bad_params_name_the_key_and_file(tmp_path: Path, edit, expected: str) -> None:
+    path = mutated(tmp_path, edit)
+    with pytest.raises(ParamsError) as caught:
+        load_params(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {expected}")
+    assert "\n" not in message
+
+
+def test_missing_npz_file_is_named(tmp_path: Path) -> None:
+    path = mutated(
+        tmp_path, lambda d: d["targets"].update(mine={"kind": "npz", "path": "nope.npz"})
+    )
+    with pytest.raises(ParamsError, match=r"targets.mine.path: file 'nope.npz' does not exist"):
+        load_params(path)
+
+
+def test_yaml_syntax_error_gives_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "experiment: x\nsource:\n  kind: [mnist1d\n")
+    with pytest.raises(ParamsError, match=r"YAML does not parse at line 4"):
+        load_params(path)
+
+
+def test_duplicate_target_names_are_refused(tmp_path: Path) -> None:
+    text = TINY.read_text().replace("  shifted:\n", "  new_classes:\n")
+    with pytest.raises(ParamsError, match=r"duplicate key 'new_classes'"):
+        load_params(write(tmp_path, text))
+
+
+def test_overrides_apply_and_are_validated() -> None:
+    params = load_params(TINY, ["finetune.seeds=[3, 4, 5]", "pretrain.lr=0.01"])
+    assert params.finetune.seeds == [3, 4, 5] and params.pretrain.lr == 0.01
+    with pytest.raises(ParamsError, match=r"finetune.sedds: unknown key"):
+        load_params(TINY, ["finetune.sedds=[1]"])
+    with pytest.raises(ParamsError, match=r"expected KEY=VALUE"):
+        load_params(TINY, ["finetune.seeds"])
+
+
+def test_missing_params_file(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"params file not found"):
+        load_params(tmp_path / "absent.yaml")

@@ -1,0 +1,134 @@
+"""The whole pipeline as a user runs it, through Prefect and through `dvc repro`, tiny params."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks.params import load_params
+from tests.helpers import make_workspace, run_command
+
+pytestmark = pytest.mark.slow
+OUTPUTS = [
+    "data/checkpoints/backbone.pt",
+    "data/results/new_classes.csv",
+    "data/results/shifted.csv",
+    "reports/comparison.csv",
+]
+
+
+def digest(root: Path) -> dict[str, str]:
+    """md5 of every file under data/ and reports/."""
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for folder in ("data", "reports")
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file() and p.name != ".gitignore"
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """One workspace run by the Prefect flow, one by `dvc repro`; each has its MLflow store."""
+    root = tmp_path_factory.mktemp("pipeline")
+    done = {}
+    for name, command in [
+        ("prefect", ["-m", "flows.pipeline", "--params", "params.yaml"]),
+        ("dvc", ["-m", "dvc", "repro"]),
+    ]:
+        workspace = make_workspace(root / name)
+        result = run_command(
+            ["python", *command],
+            cwd=workspace,
+            env={
+                "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+                "PREFECT_HOME": str(root / "prefect-home"),
+            },
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        (workspace / "run.log").write_text(result.stdout + result.stderr)
+        done[name] = workspace
+    return done
+
+
+def test_both_orchestrators_give_identical_files(runs) -> None:
+    prefect, dvc = digest(runs["prefect"]), digest(runs["dvc"])
+    assert set(OUTPUTS) <= prefect.keys()
+    assert prefect == dvc
+
+
+def test_flow_prints_the_table_and_no_traceback(runs) -> None:
+    log = (runs["prefect"] / "run.log").read_text()
+    assert "Traceback" not in log
+    assert "| target" in log and "gain_vs_scratch" in log
+    assert "mlflow ui" in log and "dvc metrics show" in log
+
+
+@pytest.mark.parametrize("orchestrator", ["prefect", "dvc"])
+def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orchestrator) -> None:
+    workspace = runs[orchestrator]
+    params = load_params(workspace / "params.yaml")
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params.experiment)
+    all_runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["orchestrator"] == orchestrator
+    children = {
+        r.info.run_name: r
+        for r in all_runs
+        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    targets = list(params.targets)
+    assert set(children) == {
+        "prepare",
+        "pretrain",
+        "compare",
+        *(f"extract {t}" for t in targets),
+        *(f"finetune {t}" for t in targets),
+    }
+    cfg = params.finetune
+    grid = len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
+    for target in targets:
+        stage_id = children[f"finetune {target}"].info.run_id
+        runs_below = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == stage_id]
+        assert len(runs_below) == grid
+        one = runs_below[0]
+        assert {"target", "strategy", "fraction", "seed", "n_labels"} <= one.data.params.keys()
+        assert "test/acc" in one.data.metrics
+    assert {r.info.status for r in all_runs} == {"FINISHED"}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
+
+
+def test_second_dvc_repro_runs_nothing(runs) -> None:
+    workspace = runs["dvc"]
+    before = digest(workspace)
+    lock = (workspace / "dvc.lock").read_text()
+    result = run_command(["python", "-m", "dvc", "repro"], cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert "Data and pipelines are up to date." in result.stdout
+    assert "Running stage" not in result.stdout
+    assert digest(workspace) == before and (workspace / "dvc.lock").read_text() == lock
+
+
+@pytest.mark.parametrize(
+    "command", [["-m", "flows.pipeline"], ["-m", "tasks.finetune", "--target", "shifted"]]
+)
+def test_unknown_key_is_refused_and_outputs_are_untouched(runs, command) -> None:
+    workspace = runs["dvc"]
+    before = digest(workspace)
+    params = workspace / "params.yaml"
+    original = params.read_text()
+    params.write_text(original.replace("finetune:\n", "finetune:\n  sedds: [0, 1]\n", 1))
+    try:
+        result = run_command(["python", *command], cwd=workspace)
+    finally:
+        params.write_text(original)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: params.yaml: finetune.sedds: unknown key"
+    assert digest(workspace) == before

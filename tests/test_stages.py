@@ -1,0 +1,89 @@
+"""Each stage function on the tiny params, in order, writing the files of the stage contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tasks.compare import compare
+from tasks.datasets import SPLITS, load_meta, load_split
+from tasks.extract import extract
+from tasks.finetune import RESULT_COLUMNS, finetune
+from tasks.layout import Layout
+from tasks.models import classifier_from_checkpoint
+from tasks.prepare import prepare
+from tasks.pretrain import pretrain
+from tasks.tracking import NullRun
+
+
+@pytest.fixture(scope="module")
+def done(tiny_params, tmp_path_factory) -> Layout:
+    """The tiny pipeline run stage by stage through the plain functions, without tracking."""
+    layout = Layout(tmp_path_factory.mktemp("workspace"))
+    run = NullRun()
+    prepare(tiny_params, layout, run)
+    pretrain(tiny_params, layout, run)
+    for target in tiny_params.targets:
+        extract(tiny_params, target, layout, run)
+        finetune(tiny_params, target, layout, run)
+    compare(tiny_params, layout, run)
+    return layout
+
+
+def test_prepare_writes_disjoint_stratified_splits(done: Layout, tiny_params) -> None:
+    for name in ["source", *tiny_params.targets]:
+        meta = load_meta(done.prepared(name))
+        splits = {s: load_split(done.prepared(name), s) for s in SPLITS}
+        assert all(s.x.shape[1:] == (1, 40) for s in splits.values())
+        assert {int(s.y.max()) + 1 for s in splits.values()} == {meta["num_classes"]}
+        rows = [tuple(r) for s in splits.values() for r in s.x.reshape(len(s), -1).round(6)]
+        assert len(set(rows)) == len(rows)  # no example in two splits
+        counts = np.bincount(splits["val"].y)
+        assert counts.max() - counts.min() <= 1  # stratified
+    assert load_meta(done.prepared("new_classes"))["classes"] == [5, 6, 7, 8, 9]
+
+
+def test_pretrain_checkpoint_is_self_describing(done: Layout, tiny_params) -> None:
+    payload = torch.load(done.checkpoint, weights_only=True)
+    assert payload["arch"]["channels"] == tiny_params.model.channels
+    assert payload["params"]["pretrain"]["lr"] == tiny_params.pretrain.lr
+    assert 0 < payload["metrics"]["val_acc"] <= 1
+    model = classifier_from_checkpoint(done.checkpoint, num_classes=4, seed=0)
+    assert model(torch.zeros(2, 1, 40)).shape == (2, 4)
+
+
+def test_extract_features_match_the_frozen_backbone(done: Layout) -> None:
+    model = classifier_from_checkpoint(done.checkpoint, num_classes=1, seed=0).eval()
+    inputs = load_split(done.prepared("shifted"), "val")
+    features = load_split(done.features("shifted"), "val")
+    np.testing.assert_array_equal(features.y, inputs.y)
+    with torch.no_grad():
+        expected = model.features(torch.from_numpy(inputs.x)).numpy()
+    np.testing.assert_allclose(features.x, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_covers_the_grid_once(done: Layout, tiny_params) -> None:
+    cfg = tiny_params.finetune
+    table = pd.read_csv(done.results("new_classes"))
+    assert list(table.columns) == RESULT_COLUMNS
+    assert len(table) == len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
+    assert not table.duplicated(["strategy", "fraction", "seed"]).any()
+    assert table.test_acc.between(0, 1).all()
+    # paired: every strategy saw the same number of labels at a fraction
+    assert table.groupby("fraction").n_labels.nunique().eq(1).all()
+    assert table[table.strategy == "linear_probe"].l2.isin(cfg.probe_l2).all()
+    assert table[table.strategy != "linear_probe"].lr.isin(cfg.lrs).all()
+
+
+def test_compare_writes_table_markdown_plots_metrics(done: Layout, tiny_params) -> None:
+    table = pd.read_csv(done.reports / "comparison.csv")
+    assert len(table) == len(tiny_params.targets) * 3 * len(tiny_params.finetune.fractions)
+    assert (done.reports / "comparison.md").read_text().startswith("| target")
+    for target in tiny_params.targets:
+        png = done.reports / "plots" / f"{target}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(done.reports / "metrics.json").stat().st_size > 0
