@@ -73,14 +73,15 @@ def plot_target(table: pd.DataFrame, target: str, path) -> None:
 
 
 def headline_metrics(table: pd.DataFrame) -> dict:
-    """Per target and strategy: mean test accuracy and gain over scratch at each fraction."""
+    """Per target and strategy: mean test accuracy (and, for transfer, the gain over scratch) at
+    each label fraction."""
     metrics: dict = {}
     for row in table.itertuples():
         cell = metrics.setdefault(row.target, {}).setdefault(row.strategy, {})
-        cell[f"f{row.fraction:g}"] = {
-            "test_acc": round(row.test_acc_mean, 6),
-            "gain_vs_scratch": round(row.gain_vs_scratch, 6),
-        }
+        numbers = {"test_acc": round(row.test_acc_mean, 6)}
+        if row.strategy != "scratch":
+            numbers["gain_vs_scratch"] = round(row.gain_vs_scratch, 6)
+        cell[f"f{row.fraction:g}"] = numbers
     return metrics
 
 

@@ -57,7 +57,7 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             source_meta=meta,
             metrics=summary,
         )
-        files.write_json(layout.checkpoint_meta, {"arch": arch, "metrics": summary})
+        files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
         stage.log(metrics={"best/val_acc": summary["val_acc"]})
     log.info(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch

@@ -49,3 +49,4 @@ def test_required_columns_and_metrics() -> None:
     assert list(table.columns[: len(required)]) == required
     metrics = headline_metrics(table)
     assert metrics["t"]["linear_probe"]["f0.1"]["gain_vs_scratch"] == pytest.approx(0.2)
+    assert metrics["t"]["scratch"]["f1"] == {"test_acc": pytest.approx(0.9)}
