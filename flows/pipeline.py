@@ -6,10 +6,8 @@ targets and one MLflow parent run per execution.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-from pathlib import Path
 
 # Before Prefect is imported: route the stages' progress logs through Prefect (console and UI),
 # and keep the local server from phoning home (machines without network print an error).
@@ -21,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from tasks.cli import USER_ERRORS, configure_logging, params_parser
+from tasks.cli import USER_ERRORS, configure_logging, exit_on_sigterm, params_parser
 from tasks.compare import compare
 from tasks.extract import extract
 from tasks.finetune import finetune
@@ -31,10 +29,8 @@ from tasks.prepare import prepare
 from tasks.pretrain import pretrain
 from tasks.tracking import start_pipeline_run, tracking_uri
 
-log = logging.getLogger(__name__)
-
-# DVC decides what is stale (issue: scheduled runs); Prefect's own result cache stays off so that
-# there is never a second cache that could disagree with it.
+# Prefect's own result cache stays off: DVC is to be the one judge of what is stale, and a second
+# cache could disagree with it.
 _stage = task(cache_policy=NO_CACHE, persist_result=False)
 prepare_task = _stage(prepare, name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain")
@@ -44,12 +40,10 @@ compare_task = _stage(compare, name="compare")
 
 
 @flow(name="transfer-study")
-def pipeline(
-    params_path: str = "params.yaml", overrides: list[str] | None = None, workspace: str = "."
-) -> str:
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
     """prepare -> pretrain -> (extract -> finetune) per target, in parallel -> compare."""
     params = load_params(params_path, overrides or [])
-    layout = Layout(Path(workspace))
+    layout = Layout()  # the working directory, as for `dvc repro`
     flow_run_id = str(get_run_context().flow_run.id)
     with start_pipeline_run(params.experiment, "prefect", execution=flow_run_id) as parent:
         prepare_task(params, layout, parent)
@@ -76,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = params_parser("Run the whole transfer study as a Prefect flow.")
     args = parser.parse_args(argv)
     configure_logging()
+    exit_on_sigterm()
     try:
         load_params(args.params, args.overrides)  # refuse bad params before Prefect starts
     except ParamsError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from tasks.datasets import DataError
 from tasks.layout import Layout
 from tasks.models import CheckpointError
 from tasks.params import Params, ParamsError, load_params
-from tasks.tracking import Run, join_stage_parent
+from tasks.tracking import join_stage_parent
 
 # Errors whose message is the whole story for a user: printed on one line, no traceback.
 USER_ERRORS = (ParamsError, DataError, CheckpointError)
@@ -41,22 +42,40 @@ def params_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def check_target(params: Params, target: str) -> None:
+    if target not in params.targets:
+        raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (a killed `dvc`, a cancelled deployment) into SystemExit in the main thread,
+    so that open MLflow runs end as KILLED rather than staying RUNNING."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_stage(
     description: str,
-    body: Callable[[Params, Layout, Run, argparse.Namespace], object],
+    body: Callable[..., object],
     argv: list[str] | None = None,
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    per_target: bool = False,
 ) -> None:
-    """Parse args, validate params before any work, run `body` under the MLflow parent run."""
+    """Parse args, validate params before any work, run `body` under the MLflow parent run.
+
+    `body(params, layout, run)`, or `body(params, target, layout, run)` when `per_target`.
+    """
     parser = params_parser(description)
-    if add_arguments is not None:
-        add_arguments(parser)
+    if per_target:
+        parser.add_argument("--target", required=True, help="a name from params' targets")
     args = parser.parse_args(argv)
     configure_logging()
+    exit_on_sigterm()
     try:
         params = load_params(args.params, args.overrides)
+        target_args = [args.target] if per_target else []
+        if per_target:
+            check_target(params, args.target)
         with join_stage_parent(params.experiment) as parent:
-            body(params, Layout(), parent, args)
+            body(params, *target_args, Layout(), parent)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, ParamsError) else 1)

@@ -7,6 +7,7 @@ plots/<target>.png (test accuracy against labels) and metrics.json for `dvc metr
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import matplotlib
 
@@ -28,8 +29,16 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     """Mean and spread over seeds per cell, and the gain over scratch paired by seed."""
     scratch = results[results.strategy == "scratch"][["target", "fraction", "seed", "test_acc"]]
     paired = results.merge(
-        scratch, on=["target", "fraction", "seed"], suffixes=("", "_scratch"), validate="m:1"
-    )
+        scratch, on=["target", "fraction", "seed"], how="left", suffixes=("", "_scratch"),
+        validate="m:1",
+    )  # fmt: skip
+    unpaired = paired[paired.test_acc_scratch.isna()]
+    if len(unpaired):
+        first = unpaired.iloc[0]
+        raise ValueError(
+            f"{len(unpaired)} result rows have no scratch run to pair with, e.g. target "
+            f"{first.target!r} fraction {first.fraction} seed {first.seed}"
+        )
     paired["gain"] = paired.test_acc - paired.test_acc_scratch
     table = (
         paired.groupby(KEYS, sort=False)
@@ -47,7 +56,15 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["target", "fraction", "strategy"], kind="stable", ignore_index=True)
 
 
-def plot_target(table: pd.DataFrame, target: str, path) -> None:
+def read_results(path: Path) -> pd.DataFrame:
+    """A results file as written by `finetune`; names stay strings ('NA' is a valid target)."""
+    return pd.read_csv(
+        path, dtype={"target": str, "strategy": str}, keep_default_na=False,
+        na_values={"lr": [""], "l2": [""]},
+    )  # fmt: skip
+
+
+def plot_target(table: pd.DataFrame, target: str, path: Path) -> None:
     rows = table[table.target == target]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for strategy, curve in rows.groupby("strategy", sort=False):
@@ -87,7 +104,7 @@ def headline_metrics(table: pd.DataFrame) -> dict:
 
 def compare(params: Params, layout: Layout, run: Run) -> pd.DataFrame:
     results = pd.concat(
-        [pd.read_csv(layout.results(t)) for t in params.targets], ignore_index=True
+        [read_results(layout.results(t)) for t in params.targets], ignore_index=True
     )
     table = summarise(results)
     reports = layout.reports
@@ -109,7 +126,7 @@ def compare(params: Params, layout: Layout, run: Run) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, lambda params, layout, run, _: compare(params, layout, run), argv)
+    run_stage(__doc__, compare, argv)
 
 
 if __name__ == "__main__":

@@ -149,27 +149,38 @@ def stratified_split(
                 f"{where}: class {label} has {len(members)} examples; a split into "
                 f"{', '.join(parts)} needs at least {needed}"
             )
+        counts = {name: max(1, round(f * len(members))) for name, f in fractions.items()}
+        if sum(counts.values()) >= len(members):
+            raise DataError(
+                f"{where}: class {label} has {len(members)} examples, too few to leave any for "
+                f"training after {', '.join(f'{n} {c}' for n, c in counts.items())}"
+            )
         start = 0
-        for name, fraction in fractions.items():
-            count = max(1, round(fraction * len(members)))
+        for name, count in counts.items():
             parts[name].append(members[start : start + count])
             start += count
         parts["train"].append(members[start:])
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
-def build_splits(spec: DatasetSpec, split: SplitParams, where: str) -> dict[str, Labelled]:
-    """Load a dataset by its kind, keep its classes, and cut fixed stratified splits."""
+def build_splits(
+    spec: DatasetSpec, split: SplitParams, where: str
+) -> tuple[dict[str, Labelled], list[int]]:
+    """Load a dataset by its kind, keep its classes, and cut fixed stratified splits.
+
+    Returns the splits (labels 0..K-1) and the original label of each class index.
+    """
     raw = SOURCES[spec.kind](spec)
     classes = spec.classes if spec.classes is not None else np.unique(raw.pool.y).tolist()
     pool = _keep_classes(raw.pool, classes, where)
     if raw.test is None:
         cuts = {"val": split.val, "test": split.test}
         index = stratified_split(pool.y, cuts, split.seed, where)
-        return {name: pool.take(index[name]) for name in SPLITS}
+        return {name: pool.take(index[name]) for name in SPLITS}, classes
     test = _keep_classes(raw.test, classes, f"{where} (test arrays)")
     index = stratified_split(pool.y, {"val": split.val}, split.seed, where)
-    return {"train": pool.take(index["train"]), "val": pool.take(index["val"]), "test": test}
+    splits = {"train": pool.take(index["train"]), "val": pool.take(index["val"]), "test": test}
+    return splits, classes
 
 
 def save_splits(directory: Path, splits: dict[str, Labelled], meta: dict) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 
+import numpy as np
 import torch
 
 from tasks import runtime
@@ -12,7 +12,7 @@ from tasks.cli import run_stage
 from tasks.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
 from tasks.layout import Layout
 from tasks.models import CheckpointError, classifier_from_checkpoint
-from tasks.params import Params, ParamsError
+from tasks.params import Params
 from tasks.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, 
 
 
 @torch.no_grad()
-def _embed(backbone: torch.nn.Module, x, device: torch.device, batch_size: int):
+def _embed(
+    backbone: torch.nn.Module, x: np.ndarray, device: torch.device, batch_size: int
+) -> np.ndarray:
     chunks = [
         backbone(torch.from_numpy(x[start : start + batch_size]).to(device)).float().cpu()
         for start in range(0, len(x), batch_size)
@@ -60,18 +62,8 @@ def _embed(backbone: torch.nn.Module, x, device: torch.device, batch_size: int):
     return torch.cat(chunks).numpy()  # (N, D)
 
 
-def check_target(params: Params, target: str) -> None:
-    if target not in params.targets:
-        raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
-
-
-def _body(params: Params, layout: Layout, run: Run, args: argparse.Namespace) -> None:
-    check_target(params, args.target)
-    extract(params, args.target, layout, run)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, _body, argv, lambda p: p.add_argument("--target", required=True))
+    run_stage(__doc__, extract, argv, per_target=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ is scored on the test split once, after that choice. Rows go to data/results/<ta
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,14 +19,13 @@ import torch
 from tasks import files, runtime
 from tasks.cli import run_stage
 from tasks.datasets import SPLITS, Labelled, load_meta, load_split
-from tasks.extract import check_target
 from tasks.layout import Layout
 from tasks.models import Classifier, build_classifier, load_checkpoint, pretrained_classifier
 from tasks.params import FinetuneParams, Params
 from tasks.probe import fit_probe
 from tasks.subsets import label_subset
 from tasks.tracking import Run
-from tasks.train import DeviceData, evaluate, fit
+from tasks.train import DeviceData, FitResult, evaluate, fit
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def _network(
     def run(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
         train = DeviceData.from_arrays(data.inputs["train"].take(subset), data.device)
         val = DeviceData.from_arrays(data.inputs["val"], data.device)
-        best: tuple[float, float, Classifier, Any] | None = None
+        best: tuple[FitResult, float, Classifier] | None = None
         for lr in cfg.lrs:
             model = make_model(data, seed).to(data.device)
             groups = [
@@ -96,12 +94,14 @@ def _network(
                 {"params": model.head.parameters(), "lr": lr},
             ]
             result = fit(model, groups, train, val, cfg, seed=seed)
-            if best is None or result.best_val_acc > best[0]:
-                best = (result.best_val_acc, lr, model, result)
-        val_acc, lr, model, result = best
+            if best is None or result.score > best[0].score:
+                best = (result, lr, model)
+        result, lr, model = best
         test = DeviceData.from_arrays(data.inputs["test"], data.device)
         test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
-        return Outcome(val_acc, test_acc, {"lr": lr}, result.history, result.best_epoch)
+        return Outcome(
+            result.best_val_acc, test_acc, {"lr": lr}, result.history, result.best_epoch
+        )
 
     return run
 
@@ -175,13 +175,8 @@ def _record(stage: Run, row: dict[str, Any], outcome: Outcome) -> None:
         child.log_history(outcome.history)
 
 
-def _body(params: Params, layout: Layout, run: Run, args: argparse.Namespace) -> None:
-    check_target(params, args.target)
-    finetune(params, args.target, layout, run)
-
-
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, _body, argv, lambda p: p.add_argument("--target", required=True))
+    run_stage(__doc__, finetune, argv, per_target=True)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ self-describing checkpoint that rebuilds one from nothing but the file."""
 from __future__ import annotations
 
 import itertools
+import math
 import pickle
-import threading
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +18,6 @@ from tasks import files
 from tasks.params import ModelParams
 
 CHECKPOINT_FORMAT = 1
-# The global torch RNG is shared by every thread of the process; model init draws from it, so
-# parallel runs (Prefect's thread pool) take turns under this lock to get the same weights as
-# sequential runs.
-_INIT_LOCK = threading.Lock()
 
 
 class CheckpointError(ValueError):
@@ -99,11 +95,28 @@ def architecture(model: ModelParams, input_shape: tuple[int, int]) -> dict[str, 
     return arch
 
 
+def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default init of Linear and Conv1d layers, drawn from `generator` instead of the
+    process-wide RNG: that one is shared by every thread (Prefect runs tasks in a thread pool),
+    so a draw elsewhere would change the weights."""
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        if not isinstance(module, nn.Linear | nn.Conv1d):
+            raise TypeError(f"no seeded init for {type(module).__name__}; add it here")
+        nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+        if module.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+
+
 def build_classifier(arch: dict[str, Any], num_classes: int, seed: int) -> Classifier:
     """A freshly initialised classifier; the same seed gives the same weights in any thread."""
-    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Classifier(BACKBONES[arch["name"]](arch), num_classes, arch)
+    model = Classifier(BACKBONES[arch["name"]](arch), num_classes, arch)
+    _reset_parameters(model, torch.Generator().manual_seed(seed))
+    return model
 
 
 def save_checkpoint(path: Path, model: Classifier, **extra: Any) -> None:
@@ -134,6 +147,10 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     expected = {"format", "arch", "num_classes", "state_dict"}
     if not isinstance(payload, dict) or not expected <= payload.keys():
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (needs keys {expected})")
+    if payload["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {payload['format']!r}, this code reads {CHECKPOINT_FORMAT}"
+        )
     if payload["arch"].get("name") not in BACKBONES:
         raise CheckpointError(
             f"{path}: unknown backbone {payload['arch'].get('name')!r}, expected one of "

@@ -7,6 +7,8 @@ costs a second. Stages take these objects, never raw dicts.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +26,8 @@ DEFAULT_PARAMS = Path("params.yaml")
 Strategy = Literal["scratch", "linear_probe", "finetune"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+Seed = Annotated[int, Field(ge=0)]  # numpy seed sequences refuse negative entries
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ParamsError(ValueError):
@@ -52,7 +56,7 @@ class Mnist1dArgs(_Frozen):
     shear_scale: Annotated[float, Field(ge=0)] = 0.75
     shuffle_seq: bool = False
     final_seq_length: PositiveInt = 40
-    seed: int = 42
+    seed: Seed = 42
 
 
 class DatasetSpec(_Frozen):
@@ -88,7 +92,7 @@ class DatasetSpec(_Frozen):
 class SplitParams(_Frozen):
     val: Annotated[float, Field(gt=0, lt=1)] = 0.15
     test: Annotated[float, Field(gt=0, lt=1)] = 0.15
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitParams:
@@ -115,7 +119,7 @@ class TrainParams(_Frozen):
 
 class PretrainParams(TrainParams):
     lr: PositiveFloat = 3e-3
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ExtractParams(_Frozen):
@@ -125,7 +129,7 @@ class ExtractParams(_Frozen):
 class FinetuneParams(TrainParams):
     strategies: list[Strategy] = Field(default_factory=lambda: ["scratch", "linear_probe"])
     fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [1.0])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Seed] = Field(default_factory=lambda: [0])
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [3e-3])
     backbone_lr_scale: PositiveFloat = 0.1
     probe_l2: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1e-3])
@@ -164,9 +168,10 @@ class Params(_Frozen):
         if not targets:
             raise ValueError("must name at least one target")
         for name in targets:
-            if not name.replace("_", "").replace("-", "").isalnum() or name == "source":
+            if not TARGET_NAME.fullmatch(name) or name == "source":
                 raise ValueError(
-                    f"target name {name!r} must be letters, digits, '_' or '-', and not 'source'"
+                    f"target name {name!r} must start with a letter or digit, hold only "
+                    "A-Z a-z 0-9 _ -, and not be 'source'"
                 )
         return targets
 
@@ -234,7 +239,7 @@ def _apply_override(doc: dict[str, Any], assignment: str, path: Path) -> None:
     node[leaf] = value
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] = ()) -> Params:
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Params:
     """Read, override and validate a params file; raise ParamsError with a one-line message."""
     path = Path(path)
     try:

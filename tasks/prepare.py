@@ -22,8 +22,7 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
     with run.child("prepare", tags={"stage": "prepare"}) as stage:
         for name, spec in datasets.items():
             where = "source" if name == "source" else f"targets.{name}"
-            splits = build_splits(spec, params.split, where=f"{where} ({spec.kind})")
-            classes = spec.classes or list(range(int(splits["train"].y.max()) + 1))
+            splits, classes = build_splits(spec, params.split, where=f"{where} ({spec.kind})")
             sizes[name] = {split: len(splits[split]) for split in SPLITS}
             meta = {
                 "name": name,
@@ -32,7 +31,9 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
                 "num_classes": len(classes),
                 "input_shape": list(splits["train"].x.shape[1:]),  # (C, L)
                 "sizes": sizes[name],
-                "train_class_counts": np.bincount(splits["train"].y).tolist(),
+                "train_class_counts": np.bincount(
+                    splits["train"].y, minlength=len(classes)
+                ).tolist(),
             }
             save_splits(layout.prepared(name), splits, meta)
             log.info("prepared %s: %s", name, sizes[name])
@@ -44,7 +45,7 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, lambda params, layout, run, _: prepare(params, layout, run), argv)
+    run_stage(__doc__, prepare, argv)
 
 
 if __name__ == "__main__":

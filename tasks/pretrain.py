@@ -70,7 +70,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, lambda params, layout, run, _: pretrain(params, layout, run), argv)
+    run_stage(__doc__, pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -18,5 +18,6 @@ def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     for label in np.unique(y):
         members = np.flatnonzero(y == label)
         order = np.random.default_rng([seed, int(label)]).permutation(members)
-        chosen.append(order[: max(1, math.ceil(fraction * len(members)))])
+        # round() first: 0.07 * 100 is 7.000000000000001, and ceil would make it 8
+        chosen.append(order[: max(1, math.ceil(round(fraction * len(members), 9)))])
     return np.sort(np.concatenate(chosen))

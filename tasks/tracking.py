@@ -41,7 +41,7 @@ def _now_ms() -> int:
 class Run:
     """One MLflow run, addressed by id; a context manager that ends it with the right status."""
 
-    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str):
+    def __init__(self, client: MlflowClient | None, run_id: str, experiment_id: str):
         self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     def child(self, name: str, tags: dict[str, str] | None = None) -> Run:

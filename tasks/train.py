@@ -34,10 +34,15 @@ class DeviceData:
 
 @dataclass(frozen=True)
 class FitResult:
-    state: dict[str, torch.Tensor]  # the weights of the best epoch
-    best_epoch: int  # 0-based
+    best_epoch: int  # 0-based; the model holds this epoch's weights
     best_val_acc: float
+    best_val_loss: float
     history: list[dict[str, float]]  # one entry per epoch: train/loss, val/loss, val/acc
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """What model selection maximises: validation accuracy, then lower validation loss."""
+        return (self.best_val_acc, -self.best_val_loss)
 
 
 def _autocast(device: torch.device) -> torch.autocast:
@@ -74,7 +79,7 @@ def fit(
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
     optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
-    best: tuple[float, float] = (-1.0, float("inf"))  # (val acc, -val loss) to maximise
+    best_score: tuple[float, float] = (-1.0, -float("inf"))  # (val acc, -val loss): maximise
     best_state, best_epoch, history = None, -1, []
     for epoch in range(cfg.max_epochs):
         model.train()
@@ -98,10 +103,10 @@ def fit(
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if (scores["acc"], -scores["loss"]) > (best[0], -best[1]):
-            best, best_epoch = (scores["acc"], scores["loss"]), epoch
+        if (scores["acc"], -scores["loss"]) > best_score:
+            best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
     model.load_state_dict(best_state)
-    return FitResult(best_state, best_epoch, best[0], history)
+    return FitResult(best_epoch, best_score[0], -best_score[1], history)

@@ -11,7 +11,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "params.tiny.yaml"
 # What a workspace needs to run the pipeline both ways: the code, the DVC graph and config.
-WORKSPACE_FILES = ["tasks", "flows", "dvc.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+WORKSPACE_FILES = [
+    "tasks",
+    "flows",
+    "dvc.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/.gitkeep",
+]
 
 
 def make_workspace(path: Path, params_file: Path = TINY) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 from pathlib import Path
 
@@ -77,3 +78,37 @@ def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
         names = {stage.addressing for stage in repo.index.stages}
     per_target = {f"{s}@{t}" for s in ("extract", "finetune") for t in params.targets}
     assert names == {"prepare", "pretrain", "compare"} | per_target
+
+
+# Modules that do not change what a stage writes: where files go, MLflow records, the CLI frame.
+NOT_OUTPUT_RELEVANT = {"tasks/layout.py", "tasks/tracking.py", "tasks/cli.py"}
+
+
+def imported_task_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """`path` and every tasks/*.py it imports, transitively (read from the source, not run),
+    except through the modules that do not change outputs."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module == "tasks":
+            names = [f"tasks/{alias.name}.py" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks."):
+            names = [node.module.replace(".", "/") + ".py"]
+        for name in map(Path, names):
+            relevant = name.as_posix() not in NOT_OUTPUT_RELEVANT
+            if relevant and name not in seen and (REPO / name).is_file():
+                imported_task_modules(name, seen)
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
+    needed = {p.as_posix() for p in imported_task_modules(Path(f"tasks/{stage}.py"))}
+    declared = {d for d in body(stage)["deps"] if d.startswith("tasks/")}
+    assert needed == declared
+
+
+def test_user_data_folder_is_a_prepare_dependency() -> None:
+    assert "data/raw" in body("prepare")["deps"]
+    assert (REPO / "data" / "raw").is_dir()

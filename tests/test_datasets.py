@@ -15,8 +15,9 @@ SPLIT = SplitParams(val=0.2, test=0.2, seed=0)
 
 def test_mnist1d_class_subset_is_relabelled_and_reproducible() -> None:
     spec = DatasetSpec(kind="mnist1d", classes=[7, 5], generator={"num_samples": 200, "seed": 4})
-    splits = build_splits(spec, SPLIT, "t")
-    again = build_splits(spec, SPLIT, "t")
+    splits, classes = build_splits(spec, SPLIT, "t")
+    again, _ = build_splits(spec, SPLIT, "t")
+    assert classes == [7, 5]
     assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == np.float32
     assert sorted(np.unique(splits["train"].y)) == [0, 1]
     assert sum(len(s) for s in splits.values()) == 200  # all samples spent on the two classes
@@ -28,7 +29,7 @@ def test_mnist1d_matches_the_published_generator() -> None:
     from mnist1d.data import get_dataset_args, make_dataset
 
     spec = DatasetSpec(kind="mnist1d", generator={"num_samples": 100})  # published args
-    ours = build_splits(spec, SPLIT, "t")
+    ours, _ = build_splits(spec, SPLIT, "t")
     args = get_dataset_args()
     args.num_samples = 100
     reference = make_dataset(args)
@@ -54,6 +55,12 @@ def test_stratified_split_refuses_tiny_classes() -> None:
         stratified_split(y, {"val": 0.2, "test": 0.2}, seed=0, where="t")
 
 
+def test_stratified_split_never_leaves_a_class_without_training_examples() -> None:
+    y = np.array([0] * 20 + [1] * 5)  # class 1: 4 val + 1 test would leave no training example
+    with pytest.raises(DataError, match=r"class 1 has 5 examples, too few to leave any"):
+        stratified_split(y, {"val": 0.7, "test": 0.2}, seed=0, where="t")
+
+
 def write_npz(tmp_path: Path, **arrays) -> DatasetSpec:
     path = tmp_path / "mine.npz"
     np.savez(path, **arrays)
@@ -69,7 +76,8 @@ def test_npz_with_its_own_test_arrays(tmp_path: Path) -> None:
         x_test=rng.normal(size=(9, 2, 16)),
         y_test=np.arange(9) % 3,
     )
-    splits = build_splits(spec, SPLIT, "t")
+    splits, classes = build_splits(spec, SPLIT, "t")
+    assert classes == [0, 1, 2]
     assert len(splits["test"]) == 9  # the given test set is kept whole
     assert len(splits["train"]) + len(splits["val"]) == 60
     assert splits["train"].x.shape[1:] == (2, 16)

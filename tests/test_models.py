@@ -34,17 +34,25 @@ def test_backbones_map_inputs_to_feature_dim(backbone: str) -> None:
 def test_same_seed_same_weights_even_from_parallel_threads() -> None:
     expected = {s: build_classifier(ARCH, 3, seed=s).state_dict() for s in range(4)}
     built: dict[int, dict] = {}
+    start, stop = threading.Barrier(5), threading.Event()
 
     def build(seed: int) -> None:
-        for _ in range(5):
-            torch.rand(100)  # other threads drawing from the global RNG meanwhile
+        start.wait()
         built[seed] = build_classifier(ARCH, 3, seed=seed).state_dict()
 
+    def draw_from_the_global_rng() -> None:  # what any other code in another thread may do
+        start.wait()
+        while not stop.is_set():
+            torch.rand(100)
+
+    noise = threading.Thread(target=draw_from_the_global_rng)
     threads = [threading.Thread(target=build, args=(s,)) for s in range(4)]
-    for thread in threads:
+    for thread in [noise, *threads]:
         thread.start()
     for thread in threads:
         thread.join()
+    stop.set()
+    noise.join()
     for seed in range(4):
         for key, value in expected[seed].items():
             assert torch.equal(value, built[seed][key])

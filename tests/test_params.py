@@ -29,7 +29,9 @@ def test_shipped_params_files_are_valid() -> None:
     assert set(default.targets) >= {"new_classes", "shifted"}
     assert len(default.finetune.fractions) >= 2 and len(default.finetune.seeds) >= 2
     assert set(default.finetune.strategies) == {"scratch", "linear_probe", "finetune"}
-    assert default.model_fields_set == tiny.model_fields_set  # the same schema, both sizes
+    # the same schema at both sizes: every section and finetune knob is set explicitly in each
+    assert default.model_fields_set == tiny.model_fields_set == set(type(default).model_fields)
+    assert default.finetune.model_fields_set == tiny.finetune.model_fields_set
 
 
 def test_params_are_frozen(tiny_params) -> None:
@@ -101,6 +103,25 @@ def test_bad_params_name_the_key_and_file(tmp_path: Path, edit, expected: str) -
     message = str(caught.value)
     assert message.startswith(f"{path}: {expected}")
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["-x", "a b", "ünï", "source", "a.b"])
+def test_unsafe_target_names_are_refused(tmp_path: Path, name: str) -> None:
+    spec = {"kind": "mnist1d"}
+    path = mutated(tmp_path, lambda d: d.update(targets={name: spec}))
+    with pytest.raises(ParamsError, match=r"targets: Value error, target name"):
+        load_params(path)
+
+
+def test_na_like_target_names_are_fine(tmp_path: Path) -> None:
+    path = mutated(tmp_path, lambda d: d.update(targets={"NA": {"kind": "mnist1d"}}))
+    assert list(load_params(path).targets) == ["NA"]
+
+
+@pytest.mark.parametrize("key", ["finetune.seeds=[0, -1]", "split.seed=-3", "pretrain.seed=-1"])
+def test_negative_seeds_are_refused(key: str) -> None:
+    with pytest.raises(ParamsError, match=r"Input should be greater than or equal to 0"):
+        load_params(TINY, [key])
 
 
 def test_missing_npz_file_is_named(tmp_path: Path) -> None:

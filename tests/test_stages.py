@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import json
 
 import numpy as np
 import pandas as pd
@@ -86,4 +86,7 @@ def test_compare_writes_table_markdown_plots_metrics(done: Layout, tiny_params) 
     for target in tiny_params.targets:
         png = done.reports / "plots" / f"{target}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert Path(done.reports / "metrics.json").stat().st_size > 0
+    metrics = json.loads((done.reports / "metrics.json").read_text())
+    assert set(metrics) == set(tiny_params.targets)
+    cell = metrics["new_classes"]["finetune"][f"f{tiny_params.finetune.fractions[0]:g}"]
+    assert set(cell) == {"test_acc", "gain_vs_scratch"}
