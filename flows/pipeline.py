@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
@@ -27,6 +27,7 @@ from tasks.layout import Layout
 from tasks.params import ParamsError, load_params
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
+from tasks.report import verdict_table
 from tasks.tracking import start_pipeline_run, tracking_uri
 
 # Prefect's own result cache stays off: DVC is to be the one judge of what is stale, and a second
@@ -56,14 +57,15 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             )
         for future in finetuned:
             future.result()  # raise the first failure here, before compare
-        table = compare_task(params, layout, parent)
-        markdown = table.to_markdown(index=False, floatfmt=".4f")
-        create_markdown_artifact(
+        comparison = compare_task(params, layout, parent)
+        verdicts = verdict_table(comparison.verdicts)
+        create_table_artifact(
             key="transfer-vs-scratch",
-            markdown=markdown,
-            description="Test accuracy per target, strategy and label fraction",
+            table=verdicts.to_dict(orient="records"),
+            description="Does transfer help? Per target and label budget, paired 95% intervals. "
+            "Full report: reports/report.md",
         )
-    return markdown
+    return verdicts.to_markdown(index=False, disable_numparse=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     print(f"\n{markdown}\n")
-    print("Results: reports/comparison.csv, reports/comparison.md, reports/plots/*.png")
+    print("Report:  reports/report.md (verdicts, learning curves, method); tables and plots in")
+    print("         reports/{comparison,summary,verdicts}.csv, reports/plots/*.png")
     print(
         f"MLflow:  mlflow ui --backend-store-uri {tracking_uri()}   (then http://127.0.0.1:5000)"
     )

@@ -6,6 +6,7 @@ is scored on the test split once, after that choice. Rows go to data/results/<ta
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from tasks.datasets import SPLITS, Labelled, load_meta, load_split
 from tasks.layout import Layout
 from tasks.models import Classifier, build_classifier, load_checkpoint, pretrained_classifier
 from tasks.params import FinetuneParams, Params
-from tasks.probe import fit_probe
+from tasks.probe import ProbeResult, fit_probe
 from tasks.subsets import label_subset
 from tasks.tracking import Run
 from tasks.train import DeviceData, FitResult, evaluate, fit
@@ -56,41 +57,70 @@ class Outcome:
     best_epoch: int = -1
 
 
-def _probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
+def _fit_probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams) -> ProbeResult:
     def tensors(split: str, index: np.ndarray | slice = slice(None)):
-        return (
-            torch.from_numpy(data.features[split].x[index]),
-            torch.from_numpy(data.features[split].y[index]),
-        )
+        features = data.features[split]
+        return torch.from_numpy(features.x[index]), torch.from_numpy(features.y[index])
 
-    result = fit_probe(
+    return fit_probe(
         tensors("train", subset), tensors("val"), tensors("test"), data.num_classes, cfg.probe_l2
     )
+
+
+def _linear_probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
+    result = _fit_probe(data, subset, cfg)
     return Outcome(result.val_acc, result.test_acc, {"l2": result.l2})
 
 
-def _scratch_model(data: TargetData, seed: int) -> Classifier:
-    return build_classifier(data.checkpoint["arch"], data.num_classes, seed)
+@dataclass(frozen=True)
+class Start:
+    """Where a network strategy starts from: a model, and the hyperparameters that made it."""
+
+    model: Classifier
+    hparams: dict[str, float] = field(default_factory=dict)
 
 
-def _pretrained_model(data: TargetData, seed: int) -> Classifier:
-    return pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path)
+def _scratch_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Start:
+    return Start(build_classifier(data.checkpoint["arch"], data.num_classes, seed))
+
+
+def _pretrained_start(
+    data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int
+) -> Start:
+    return Start(
+        pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path)
+    )
+
+
+def _probed_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Start:
+    """LP-FT's first step (Kumar et al. 2022): the linear probe's solution becomes the head."""
+    start = _pretrained_start(data, subset, cfg, seed)
+    probe = _fit_probe(data, subset, cfg)
+    with torch.no_grad():
+        start.model.head.weight.copy_(probe.weight)
+        start.model.head.bias.copy_(probe.bias)
+    return Start(start.model, {"l2": probe.l2})
 
 
 def _network(
-    make_model: Callable[[TargetData, int], Classifier],
+    start: Callable[[TargetData, np.ndarray, FinetuneParams, int], Start],
     backbone_lr_scale: Callable[[FinetuneParams], float],
+    frozen_blocks: Callable[[FinetuneParams], int] = lambda cfg: 0,
 ) -> Callable[[TargetData, np.ndarray, FinetuneParams, int], Outcome]:
-    """A strategy that trains a network: the same loop and lr grid, its own init and rates."""
+    """A strategy that trains a network: the same loop and lr grid for all, its own start,
+    backbone learning-rate scale and frozen blocks."""
 
     def run(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Outcome:
         train = DeviceData.from_arrays(data.inputs["train"].take(subset), data.device)
         val = DeviceData.from_arrays(data.inputs["val"], data.device)
+        begin = start(data, subset, cfg, seed)
         best: tuple[FitResult, float, Classifier] | None = None
         for lr in cfg.lrs:
-            model = make_model(data, seed).to(data.device)
+            model = copy.deepcopy(begin.model).to(data.device)
+            model.backbone.blocks[: frozen_blocks(cfg)].requires_grad_(False)
+            trainable = [p for p in model.backbone.parameters() if p.requires_grad]
             groups = [
-                {"params": model.backbone.parameters(), "lr": lr * backbone_lr_scale(cfg)},
+                {"params": trainable, "lr": lr * backbone_lr_scale(cfg)},
                 {"params": model.head.parameters(), "lr": lr},
             ]
             result = fit(model, groups, train, val, cfg, seed=seed)
@@ -99,17 +129,22 @@ def _network(
         result, lr, model = best
         test = DeviceData.from_arrays(data.inputs["test"], data.device)
         test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
-        return Outcome(
-            result.best_val_acc, test_acc, {"lr": lr}, result.history, result.best_epoch
-        )
+        hparams = {"lr": lr, **begin.hparams}
+        return Outcome(result.best_val_acc, test_acc, hparams, result.history, result.best_epoch)
 
     return run
 
 
+def _discriminative(cfg: FinetuneParams) -> float:
+    return cfg.backbone_lr_scale
+
+
 STRATEGIES: dict[str, Callable[[TargetData, np.ndarray, FinetuneParams, int], Outcome]] = {
-    "scratch": _network(_scratch_model, lambda cfg: 1.0),
-    "linear_probe": _probe,
-    "finetune": _network(_pretrained_model, lambda cfg: cfg.backbone_lr_scale),
+    "scratch": _network(_scratch_start, lambda cfg: 1.0),
+    "linear_probe": _linear_probe,
+    "finetune": _network(_pretrained_start, _discriminative),
+    "lp_ft": _network(_probed_start, _discriminative),
+    "partial": _network(_pretrained_start, _discriminative, lambda cfg: cfg.freeze_blocks),
 }
 
 
@@ -130,9 +165,11 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
     cfg = params.finetune
     data = load_target(params, target, layout)
     train_y = data.inputs["train"].y
-    rows = []
+    rows, scratch_acc = [], {}  # scratch's test accuracy by (fraction, seed), for paired gains
+    # scratch first, so that each transfer run can record its gain over its scratch partner
+    strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")
     with run.child(f"finetune {target}", tags={"stage": "finetune", "target": target}) as stage:
-        for strategy in cfg.strategies:
+        for strategy in strategies:
             for fraction in cfg.fractions:
                 for seed in cfg.seeds:
                     subset = label_subset(train_y, fraction, seed)
@@ -143,34 +180,30 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
                         "val_acc": outcome.val_acc, "test_acc": outcome.test_acc,
                         "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
                     } | outcome.hparams  # fmt: skip
+                    if strategy == "scratch":
+                        scratch_acc[fraction, seed] = outcome.test_acc
                     rows.append(row)
-                    _record(stage, row, outcome)
-                    log.info(
-                        "%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
-                        target,
-                        strategy,
-                        fraction,
-                        seed,
-                        len(subset),
-                        outcome.test_acc,
-                    )
+                    _record(stage, row, outcome, outcome.test_acc - scratch_acc[fraction, seed])
+                    log.info("%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
+                             target, strategy, fraction, seed, len(subset),
+                             outcome.test_acc)  # fmt: skip
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-    path = layout.results(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    files.write_text(path, table.to_csv(index=False))
+    files.write_text(layout.results(target), table.to_csv(index=False))
     return table
 
 
-def _record(stage: Run, row: dict[str, Any], outcome: Outcome) -> None:
-    kind = "scratch" if row["strategy"] == "scratch" else "transfer"
+def _record(stage: Run, row: dict[str, Any], outcome: Outcome, gain: float) -> None:
+    """One MLflow run per grid cell: filter on target and fraction to see transfer by scratch."""
+    transfer = row["strategy"] != "scratch"
     name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
-    with stage.child(
-        name, tags={"target": row["target"], "strategy": row["strategy"], "kind": kind}
-    ) as child:
+    tags = {"target": row["target"], "strategy": row["strategy"],
+            "kind": "transfer" if transfer else "scratch"}  # fmt: skip
+    with stage.child(name, tags=tags) as child:
         keys = ("target", "strategy", "fraction", "seed", "n_labels")
         child.log(
             params={k: row[k] for k in keys} | outcome.hparams,
-            metrics={"val/acc": outcome.val_acc, "test/acc": outcome.test_acc},
+            metrics={"val/acc": outcome.val_acc, "test/acc": outcome.test_acc}
+            | ({"gain_vs_scratch": gain} if transfer else {}),
         )
         child.log_history(outcome.history)
 

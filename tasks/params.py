@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
-Strategy = Literal["scratch", "linear_probe", "finetune"]
+Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft", "partial"]
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Seed = Annotated[int, Field(ge=0)]  # numpy seed sequences refuse negative entries
@@ -132,6 +132,7 @@ class FinetuneParams(TrainParams):
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [3e-3])
     backbone_lr_scale: PositiveFloat = 0.1
+    freeze_blocks: PositiveInt = 1
     probe_l2: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1e-3])
 
     @field_validator("strategies", "fractions", "seeds", "lrs", "probe_l2")
@@ -146,8 +147,11 @@ class FinetuneParams(TrainParams):
     @field_validator("strategies")
     @classmethod
     def _needs_baseline(cls, strategies: list[str]) -> list[str]:
-        if "scratch" not in strategies:
-            raise ValueError("must include 'scratch': every transfer result is paired with it")
+        if "scratch" not in strategies or len(strategies) < 2:
+            raise ValueError(
+                "must include 'scratch' (every transfer result is paired with it) and at least "
+                "one transfer strategy"
+            )
         return strategies
 
 
@@ -161,6 +165,16 @@ class Params(_Frozen):
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="after")
+    def _partial_leaves_a_block_to_train(self) -> Params:
+        blocks = self.model.channels if self.model.backbone == "cnn1d" else self.model.hidden
+        if "partial" in self.finetune.strategies and self.finetune.freeze_blocks >= len(blocks):
+            raise ValueError(
+                f"finetune.freeze_blocks ({self.finetune.freeze_blocks}) must be below the "
+                f"number of backbone blocks ({len(blocks)}), or 'partial' trains no block"
+            )
+        return self
 
     @field_validator("targets")
     @classmethod
@@ -198,19 +212,21 @@ _UniqueKeyLoader.add_constructor(
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc) or "<top level>"
+    return "".join(f"{part}: " for part in [".".join(str(p) for p in loc)] if part)
 
 
 def _format_validation_error(err: ValidationError, path: Path) -> str:
     problems = []
     for item in err.errors():
-        key = _format_loc(item["loc"])
+        key = _format_loc(item["loc"])  # "finetune.seeds.1: ", or "" for whole-file checks
         if item["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key")
+            problems.append(f"{key}unknown key")
         elif item["type"] == "missing":
-            problems.append(f"{key}: required key is missing")
+            problems.append(f"{key}required key is missing")
+        elif not key:
+            problems.append(item["msg"].removeprefix("Value error, "))
         else:
-            problems.append(f"{key}: {item['msg']} (got {json.dumps(item['input'], default=str)})")
+            problems.append(f"{key}{item['msg']} (got {json.dumps(item['input'], default=str)})")
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"{path}: {problems[0]}{more}"
 

@@ -14,12 +14,8 @@ class ProbeResult:
     val_acc: float
     test_acc: float
     val_acc_by_l2: dict[float, float]
-
-
-def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Scale every split by the training subset's statistics (never val's or test's)."""
-    mean, std = train.mean(0), train.std(0, unbiased=False).clamp_min(1e-6)
-    return [(x - mean) / std for x in (train, *others)]
+    weight: torch.Tensor  # (K, D): the chosen classifier, on raw (unstandardised) features
+    bias: torch.Tensor  # (K,)
 
 
 def _accuracy(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -56,7 +52,10 @@ def fit_probe(
     x: (N, D) features, y: (N,) labels; the test split is scored once, after the choice.
     """
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = train, val, test
-    x_train, x_val, x_test = _standardise(x_train, x_val, x_test)
+    # Standardise by the training subset's statistics (never val's or test's): L-BFGS and one
+    # L2 strength for all features then behave the same whatever the features' scales.
+    mean, std = x_train.mean(0), x_train.std(0, unbiased=False).clamp_min(1e-6)
+    x_train, x_val, x_test = ((x - mean) / std for x in (x_train, x_val, x_test))
     weight = torch.zeros(num_classes, x_train.shape[1], requires_grad=True)  # (K, D)
     bias = torch.zeros(num_classes, requires_grad=True)  # (K,)
     best: tuple[float, float, torch.Tensor, torch.Tensor] | None = None
@@ -69,4 +68,6 @@ def fit_probe(
                 best = (l2, scores[l2], weight.detach().clone(), bias.detach().clone())
     l2, val_acc, best_weight, best_bias = best
     test_acc = _accuracy(best_weight, best_bias, x_test, y_test)
-    return ProbeResult(l2, val_acc, test_acc, scores)
+    # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m): the same classifier on raw features
+    raw_weight = best_weight / std
+    return ProbeResult(l2, val_acc, test_acc, scores, raw_weight, best_bias - raw_weight @ mean)

@@ -2,7 +2,8 @@
 
 Small data lives on the device and is batched by index; the loss is summed on the device and read
 once per epoch, so the inner loop has no host-device sync. Early stopping watches validation
-accuracy (ties go to the lower validation loss); the test split never reaches this module.
+accuracy (ties go to the lower validation loss); without a validation split the run trains for
+`max_epochs` and keeps its last weights. The test split never reaches this module.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ def fit(
     model: nn.Module,
     param_groups: Iterable[dict],
     train: DeviceData,
-    val: DeviceData,
+    val: DeviceData | None,
     cfg: TrainParams,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs."""
+    """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs, and
+    keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last."""
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
     optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
@@ -94,19 +96,21 @@ def fit(
             optimizer.step()
             loss_sum += loss.detach() * len(index)
 
-        scores = evaluate(model, val, max(cfg.batch_size, 1024))
-        metrics = {
-            "train/loss": loss_sum.item() / len(train),
-            "val/loss": scores["loss"],
-            "val/acc": scores["acc"],
-        }
+        metrics = {"train/loss": loss_sum.item() / len(train)}
+        if val is not None:
+            scores = evaluate(model, val, max(cfg.batch_size, 1024))
+            metrics |= {"val/loss": scores["loss"], "val/acc": scores["acc"]}
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
+        if val is None:
+            continue
         if (scores["acc"], -scores["loss"]) > best_score:
             best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
             break
+    if val is None:
+        return FitResult(len(history) - 1, float("nan"), float("nan"), history)
     model.load_state_dict(best_state)
     return FitResult(best_epoch, best_score[0], -best_score[1], history)

@@ -47,7 +47,10 @@ def test_outputs_are_the_layout_paths() -> None:
     assert body("extract")["outs"] == [rel(layout.features(KEY))]
     assert body("finetune")["outs"] == [rel(layout.results(KEY))]
     reports = rel(layout.reports)
-    assert body("compare")["outs"] == [f"{reports}/comparison.csv", f"{reports}/comparison.md"]
+    assert body("compare")["outs"] == [
+        f"{reports}/{name}"
+        for name in ("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "report.md")
+    ]
     assert body("compare")["metrics"] == [f"{reports}/metrics.json"]
     assert body("compare")["plots"] == [f"{reports}/plots"]
 
@@ -60,6 +63,8 @@ def test_inputs_are_the_upstream_outputs() -> None:
         assert rel_in(layout.checkpoint, body(stage)["deps"])
     assert rel_in(layout.features(KEY), body("finetune")["deps"])
     assert rel_in(layout.results(KEY).parent, body("compare")["deps"])
+    assert rel_in(layout.features(KEY).parent, body("compare")["deps"])
+    assert rel_in(layout.prepared(KEY).parent, body("compare")["deps"])
 
 
 def rel_in(path: Path, deps: list[str]) -> bool:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.finetune import STRATEGIES
 from tasks.params import ParamsError, load_params
 from tests.helpers import REPO, TINY
 
@@ -28,7 +29,9 @@ def test_shipped_params_files_are_valid() -> None:
     tiny = load_params(TINY)
     assert set(default.targets) >= {"new_classes", "shifted"}
     assert len(default.finetune.fractions) >= 2 and len(default.finetune.seeds) >= 2
-    assert set(default.finetune.strategies) == {"scratch", "linear_probe", "finetune"}
+    assert set(default.finetune.strategies) == set(STRATEGIES)  # all five
+    assert len(default.finetune.fractions) >= 5 and len(default.finetune.seeds) >= 3
+    assert default.source.generator.num_samples >= 20000
     # the same schema at both sizes: every section and finetune knob is set explicitly in each
     assert default.model_fields_set == tiny.model_fields_set == set(type(default).model_fields)
     assert default.finetune.model_fields_set == tiny.finetune.model_fields_set
@@ -93,6 +96,10 @@ def test_params_are_frozen(tiny_params) -> None:
         (
             lambda d: d["split"].update(val=0.5, test=0.5),
             "split: Value error, val + test must be below 1",
+        ),
+        (
+            lambda d: d["finetune"].update(strategies=["scratch", "partial"], freeze_blocks=2),
+            "finetune.freeze_blocks (2) must be below the number of backbone blocks (2)",
         ),
     ],
 )

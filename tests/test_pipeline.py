@@ -63,7 +63,7 @@ def test_both_orchestrators_give_identical_files(runs) -> None:
 def test_flow_prints_the_table_and_no_traceback(runs) -> None:
     log = (runs["prefect"] / "run.log").read_text()
     assert "Traceback" not in log
-    assert "| target" in log and "gain_vs_scratch" in log
+    assert "| target" in log and "best transfer (on val)" in log and "verdict" in log
     assert "mlflow ui" in log and "dvc metrics show" in log
 
 
@@ -97,12 +97,17 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
         stage_id = children[f"finetune {target}"].info.run_id
         runs_below = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == stage_id]
         assert len(runs_below) == grid
-        one = runs_below[0]
-        assert {"target", "strategy", "fraction", "seed", "n_labels"} <= one.data.params.keys()
-        assert "test/acc" in one.data.metrics
+        for run in runs_below:
+            transfer = run.data.tags["strategy"] != "scratch"
+            assert run.data.tags["kind"] == ("transfer" if transfer else "scratch")
+            assert run.data.tags["target"] == target
+            assert {"target", "strategy", "fraction", "seed", "n_labels"} <= run.data.params.keys()
+            assert ("lr" in run.data.params) == (run.data.tags["strategy"] != "linear_probe")
+            assert "test/acc" in run.data.metrics
+            assert ("gain_vs_scratch" in run.data.metrics) == transfer
     assert {r.info.status for r in all_runs} == {"FINISHED"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"comparison.csv", "comparison.md", "plots"} <= artifacts
+    assert {"report.md", "comparison.csv", "summary.csv", "verdicts.csv", "plots"} <= artifacts
 
 
 def test_second_dvc_repro_runs_nothing(runs) -> None:

@@ -79,14 +79,26 @@ def test_finetune_covers_the_grid_once(done: Layout, tiny_params) -> None:
     assert table[table.strategy != "linear_probe"].lr.isin(cfg.lrs).all()
 
 
-def test_compare_writes_table_markdown_plots_metrics(done: Layout, tiny_params) -> None:
+def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -> None:
+    cfg, targets = tiny_params.finetune, list(tiny_params.targets)
     table = pd.read_csv(done.reports / "comparison.csv")
-    assert len(table) == len(tiny_params.targets) * 3 * len(tiny_params.finetune.fractions)
+    assert len(table) == len(targets) * len(cfg.strategies) * len(cfg.fractions)
+    assert table[table.strategy != "scratch"].gain_ci_low.notna().all()  # 2 seeds: an interval
+    summary = pd.read_csv(done.reports / "summary.csv")
+    assert len(summary) == len(targets) * len(cfg.strategies)
+    verdicts = pd.read_csv(done.reports / "verdicts.csv")
+    assert len(verdicts) == len(targets) * len(cfg.fractions)
+    assert set(verdicts.verdict) <= {"helps", "hurts", "no significant difference"}
     assert (done.reports / "comparison.md").read_text().startswith("| target")
-    for target in tiny_params.targets:
-        png = done.reports / "plots" / f"{target}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (done.reports / "report.md").read_text()
+    for target in targets:
+        for kind in ("curves", "gain", "features"):
+            png = done.reports / "plots" / f"{target}_{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"(plots/{target}_{kind}.png)" in report  # the report shows every figure
+    assert "## Method" in report and "## Verdict" in report
     metrics = json.loads((done.reports / "metrics.json").read_text())
-    assert set(metrics) == set(tiny_params.targets)
-    cell = metrics["new_classes"]["finetune"][f"f{tiny_params.finetune.fractions[0]:g}"]
-    assert set(cell) == {"test_acc", "gain_vs_scratch"}
+    assert set(metrics) == set(targets)
+    assert set(metrics["new_classes"]["lp_ft"]) == {
+        "aulc", "aulc_gain", "gain_fewest_labels", "gain_all_labels"
+    }  # fmt: skip

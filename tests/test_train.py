@@ -46,6 +46,15 @@ def test_early_stopping_stops_after_patience() -> None:
     assert len(result.history) < 200
 
 
+def test_without_validation_it_trains_the_full_schedule_and_keeps_the_last_weights() -> None:
+    model = build_classifier(ARCH, 2, seed=0)
+    cfg = TrainParams(max_epochs=4, patience=1, batch_size=32)
+    result = fit(model, [{"params": model.parameters(), "lr": 1e-2}], toy(128, 0), None, cfg, 0)
+    assert len(result.history) == 4 and result.best_epoch == 3
+    assert list(result.history[0]) == ["train/loss"]
+    assert evaluate(model, toy(128, 1), 64)["acc"] > 0.9
+
+
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
     cfg = TrainParams(max_epochs=3, patience=3, batch_size=32)
     first, second, other = (train_once(s, cfg)[0].state_dict() for s in (0, 0, 1))

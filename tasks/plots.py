@@ -1,0 +1,107 @@
+"""The report's figures: learning curves, gain heatmaps, and the features against the raw inputs.
+
+Each function draws one PNG from the comparison tables (or one target's arrays) and writes it
+atomically, byte-for-byte reproducibly (no timestamp or software tag in the file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
+
+from tasks import files
+from tasks.datasets import Labelled
+from tasks.statistics import HELPS, HURTS
+
+MARK = {HELPS: "▲", HURTS: "▼"}  # drawn beside significant gains and losses
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def learning_curves(table: pd.DataFrame, target: str, path: Path) -> None:
+    """Test accuracy against labels (log x), one line per strategy, its 95% interval as a band."""
+    rows = table[table.target == target]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for strategy, curve in rows.groupby("strategy", sort=False):
+        curve = curve.sort_values("n_labels")
+        (line,) = ax.plot(curve.n_labels, curve.test_acc_mean, marker="o", label=strategy)
+        ax.fill_between(curve.n_labels, curve.test_acc_ci_low, curve.test_acc_ci_high,
+                        color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training examples (log scale)")
+    ax.set_ylabel("test accuracy (mean, 95% t-interval)")
+    ax.set_title(f"{target}: learning curves")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
+    """Paired gain over scratch in points, transfer strategy x label fraction; ▲/▼ where the
+    95% interval excludes zero."""
+    rows = table[(table.target == target) & (table.strategy != "scratch")]
+    gains = rows.pivot(index="strategy", columns="fraction", values="gain_vs_scratch") * 100
+    verdicts = rows.pivot(index="strategy", columns="fraction", values="verdict")
+    order = list(dict.fromkeys(rows.strategy))
+    gains, verdicts = gains.loc[order], verdicts.loc[order]
+    limit = max(float(np.nanmax(np.abs(gains.to_numpy()))), 1.0)
+    fig, ax = plt.subplots(figsize=(1.2 * gains.shape[1] + 2.5, 0.6 * gains.shape[0] + 1.6),
+                           dpi=120)  # fmt: skip
+    image = ax.imshow(gains.to_numpy(), cmap="RdBu",
+                      norm=TwoSlopeNorm(0, vmin=-limit, vmax=limit), aspect="auto")  # fmt: skip
+    for i, strategy in enumerate(gains.index):
+        for j, fraction in enumerate(gains.columns):
+            gain, mark = (
+                gains.loc[strategy, fraction],
+                MARK.get(verdicts.loc[strategy, fraction], ""),
+            )
+            ax.text(j, i, f"{gain:+.1f}{mark}", ha="center", va="center", fontsize=9,
+                    color="white" if abs(gain) > 0.6 * limit else "black")  # fmt: skip
+    labels = rows.drop_duplicates("fraction").set_index("fraction").n_labels
+    ax.set_xticks(range(gains.shape[1]),
+                  [f"{f:g}\n({labels[f]})" for f in gains.columns])  # fmt: skip
+    ax.set_yticks(range(gains.shape[0]), gains.index)
+    ax.set_xlabel("label fraction (labels)")
+    ax.set_title(f"{target}: gain over scratch, points")
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pca_2d(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, 2): projections on the two leading principal axes."""
+    centred = x - x.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def feature_map(raw: Labelled, features: Labelled, classes: list[int], target: str,
+                path: Path) -> None:  # fmt: skip
+    """2-D PCA of the raw inputs beside 2-D PCA of the frozen backbone's features, by class."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120)
+    panels = [("raw inputs", raw.x.reshape(len(raw), -1), raw.y),
+              ("pretrained features", features.x, features.y)]  # fmt: skip
+    for ax, (title, x, y) in zip(axes, panels, strict=True):
+        points = _pca_2d(x.astype(np.float64))
+        for index, label in enumerate(classes):
+            chosen = y == index
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=6, alpha=0.6, label=str(label))
+        ax.set_title(f"{title} (PCA)")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1].legend(title="class", markerscale=2, fontsize=8, loc="best")
+    fig.suptitle(f"{target}: validation examples")
+    fig.tight_layout()
+    _save(fig, path)
