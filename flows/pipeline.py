@@ -7,28 +7,45 @@ targets and one MLflow parent run per execution.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from typing import NoReturn
 
 # Before Prefect is imported: route the stages' progress logs through Prefect (console and UI),
 # and keep the local server from phoning home (machines without network print an error).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+import psutil
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from tasks.cli import USER_ERRORS, configure_logging, exit_on_sigterm, params_parser
+from tasks.cli import (
+    USER_ERRORS,
+    Terminated,
+    configure_logging,
+    fail,
+    interrupted,
+    params_parser,
+    raise_if_tracking_failed,
+)
 from tasks.compare import compare
 from tasks.extract import extract
 from tasks.finetune import finetune
 from tasks.layout import Layout
-from tasks.params import ParamsError, load_params
+from tasks.params import load_params
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
 from tasks.report import verdict_table
-from tasks.tracking import start_pipeline_run, tracking_uri
+from tasks.tracking import (
+    check_tracking,
+    end_all_open_runs,
+    start_pipeline_run,
+    tracking_uri,
+)
+from tasks.workspace import workspace_lock
 
 # Prefect's own result cache stays off: DVC is to be the one judge of what is stale, and a second
 # cache could disagree with it.
@@ -65,24 +82,39 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             description="Does transfer help? Per target and label budget, paired 95% intervals. "
             "Full report: reports/report.md",
         )
+    raise_if_tracking_failed(parent)
     return verdicts.to_markdown(index=False, disable_numparse=True)
+
+
+def stop_now(signum: int, frame: object) -> NoReturn:
+    """Ctrl-C or SIGTERM: stop within seconds. Prefect would let the running tasks finish first
+    (minutes), so end the open MLflow runs as KILLED, stop Prefect's local server and leave at
+    once. Finished outputs are complete files (writes are atomic); a rerun resumes."""
+    end_all_open_runs("KILLED")
+    for child in psutil.Process().children(recursive=True):
+        child.terminate()
+    try:
+        interrupted(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
+    except SystemExit as leaving:
+        sys.stderr.flush()
+        os._exit(leaving.code)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = params_parser("Run the whole transfer study as a Prefect flow.")
     args = parser.parse_args(argv)
     configure_logging()
-    exit_on_sigterm()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_now)
     try:
-        load_params(args.params, args.overrides)  # refuse bad params before Prefect starts
-    except ParamsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    try:
-        markdown = pipeline(str(args.params), args.overrides)
+        # Refuse bad params, an unreachable tracking store or a busy workspace before Prefect
+        # starts and before any work.
+        load_params(args.params, args.overrides)
+        check_tracking(tracking_uri())
+        with workspace_lock():
+            markdown = pipeline(str(args.params), args.overrides)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(err)
     print(f"\n{markdown}\n")
     print("Report:  reports/report.md (verdicts, learning curves, method); tables and plots in")
     print("         reports/{comparison,summary,verdicts}.csv, reports/plots/*.png")

@@ -8,15 +8,18 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from tasks.datasets import DataError
+from tasks.files import OutputError
 from tasks.layout import Layout
 from tasks.models import CheckpointError
 from tasks.params import Params, ParamsError, load_params
-from tasks.tracking import join_stage_parent
+from tasks.tracking import Run, TrackingError, join_stage_parent, tracking_uri
+from tasks.workspace import WorkspaceBusy, workspace_lock
 
 # Errors whose message is the whole story for a user: printed on one line, no traceback.
-USER_ERRORS = (ParamsError, DataError, CheckpointError)
+USER_ERRORS = (ParamsError, DataError, CheckpointError, OutputError, TrackingError, WorkspaceBusy)
 
 
 def configure_logging() -> None:
@@ -47,10 +50,27 @@ def check_target(params: Params, target: str) -> None:
         raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a killed `dvc`, a cancelled deployment), raised like Ctrl-C so that the same
+    cleanup runs: open MLflow runs end as KILLED, written files stay as they are."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def exit_on_sigterm() -> None:
-    """Turn SIGTERM (a killed `dvc`, a cancelled deployment) into SystemExit in the main thread,
-    so that open MLflow runs end as KILLED rather than staying RUNNING."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted(err: KeyboardInterrupt) -> NoReturn:
+    """Say what was kept and exit as a signal would: 130 for Ctrl-C, 143 for SIGTERM."""
+    print(
+        "interrupted: finished outputs and the last complete epoch are kept; run the same "
+        "command again to resume",
+        file=sys.stderr,
+    )
+    sys.exit(143 if isinstance(err, Terminated) else 130)
 
 
 def run_stage(
@@ -74,8 +94,26 @@ def run_stage(
         target_args = [args.target] if per_target else []
         if per_target:
             check_target(params, args.target)
-        with join_stage_parent(params.experiment) as parent:
+        with workspace_lock(), join_stage_parent(params.experiment) as parent:
             body(params, *target_args, Layout(), parent)
+        raise_if_tracking_failed(parent)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, ParamsError) else 1)
+        fail(err)
+    except KeyboardInterrupt as err:
+        interrupted(err)
+
+
+def raise_if_tracking_failed(parent: Run) -> None:
+    """After the results are written: a tracking failure mid-run is still a failed command."""
+    if parent.connection.error is not None:
+        raise TrackingError(
+            f"MLflow tracking at {tracking_uri()} failed during the run "
+            f"({parent.connection.error}); the result files were written, but MLflow's records "
+            "of this run are incomplete"
+        )
+
+
+def fail(err: Exception) -> NoReturn:
+    """Print a user error on one line and exit: 2 for bad params, 1 for anything else."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2 if isinstance(err, ParamsError) else 1)

@@ -172,12 +172,13 @@ def headline_metrics(summary: pd.DataFrame, table: pd.DataFrame) -> dict:
 
 
 def compare(params: Params, layout: Layout, run: Run) -> Comparison:
+    reports = layout.reports
+    files.check_writable(reports, reports / "plots")
     results = pd.concat(
         [read_results(layout.results(t)) for t in params.targets], ignore_index=True
     )
     table = summarise(results)
     result = Comparison(table, summarise_curves(table), pick_verdicts(table))
-    reports = layout.reports
     written = {
         "comparison.csv": table.to_csv(index=False),
         "comparison.md": table.to_markdown(index=False, floatfmt=".4f") + "\n",
@@ -200,6 +201,7 @@ def compare(params: Params, layout: Layout, run: Run) -> Comparison:
         classes = load_meta(layout.prepared(target))["classes"]
         plots.feature_map(val, features, classes, target, features_png)
         figures += [curves, gain, features_png]
+    files.prune(reports / "plots", keep={figure.name for figure in figures})
     with run.child("compare", tags={"stage": "compare"}) as stage:
         stage.log(metrics={"n_runs": len(results)})
     for name in [*written, "metrics.json"]:

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from tasks import runtime
+from tasks import files, runtime
 from tasks.cli import run_stage
 from tasks.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
 from tasks.layout import Layout
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, int]:
     """Write data/features/<target>/{train,val,test}.npz with x (N, D) float32 and y (N,)."""
+    files.check_writable(layout.features(target))
     device = runtime.configure(params.runtime)
     prepared = layout.prepared(target)
     meta = load_meta(prepared)

@@ -1,14 +1,20 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of either."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of either.
+
+A write that fails (disk full, read-only, permissions) raises OutputError naming the file; the
+file it would have replaced is left as it was, and no temporary file is left behind.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +24,57 @@ import torch
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+class OutputError(OSError):
+    """An output that could not be written; the message names the file and the reason."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        raise OutputError(
+            f"{path}: cannot write ({err.strerror or err}); the previous version, if any, is "
+            "intact"
+        ) from err
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def check_writable(*directories: Path) -> None:
+    """Create and remove a file in each directory, so that a read-only or full disk is found
+    before the expensive work rather than after it."""
+    for directory in directories:
+        try:
+            with atomic_path(directory / ".write-check") as tmp:
+                tmp.write_bytes(b"ok")
+            (directory / ".write-check").unlink()
+        except OSError as err:
+            reason = err.__cause__ if isinstance(err.__cause__, OSError) else err
+            raise OutputError(
+                f"{directory}: output folder is not writable ({reason.strerror or reason}); "
+                "nothing was changed"
+            ) from err
+
+
+def prune(directory: Path, keep: set[str]) -> None:
+    """Remove the entries of `directory` not named in `keep` (outputs of removed targets)."""
+    for entry in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if entry.name not in keep:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def write_bytes(path: Path | str, data: bytes) -> None:
@@ -46,6 +88,14 @@ def write_text(path: Path | str, text: str) -> None:
 
 def write_json(path: Path | str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(config: Any, paths: Iterable[Path | str]) -> str:
+    """sha256 of a JSON-able config and the bytes of files: what a resumable result depends on."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
 
 
 def write_npz(path: Path | str, **arrays: np.ndarray) -> None:

@@ -7,6 +7,7 @@ is scored on the test split once, after that choice. Rows go to data/results/<ta
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from tasks.tracking import Run
 from tasks.train import DeviceData, FitResult, evaluate, fit
 
 log = logging.getLogger(__name__)
+# The modules whose code decides a grid cell's result (part of the resume fingerprint).
+CODE = ["finetune.py", "train.py", "probe.py", "models.py", "subsets.py"]
 
 RESULT_COLUMNS = [
     "target", "strategy", "fraction", "seed", "n_labels", "lr", "l2",
@@ -163,8 +166,10 @@ def load_target(params: Params, target: str, layout: Layout) -> TargetData:
 def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFrame:
     """Run the grid for one target and write its results table."""
     cfg = params.finetune
+    files.check_writable(layout.results(target).parent)
     data = load_target(params, target, layout)
     train_y = data.inputs["train"].y
+    progress = Progress(layout.finetune_progress(target), _fingerprint(params, target, layout))
     rows, scratch_acc = [], {}  # scratch's test accuracy by (fraction, seed), for paired gains
     # scratch first, so that each transfer run can record its gain over its scratch partner
     strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")
@@ -172,6 +177,11 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
         for strategy in strategies:
             for fraction in cfg.fractions:
                 for seed in cfg.seeds:
+                    done = progress.rows.get((strategy, fraction, seed))
+                    if done is not None:  # finished before an interruption: not redone
+                        rows.append(done)
+                        scratch_acc.setdefault((fraction, seed), done["test_acc"])
+                        continue
                     subset = label_subset(train_y, fraction, seed)
                     outcome = STRATEGIES[strategy](data, subset, cfg, seed)
                     row = {
@@ -183,13 +193,44 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
                     if strategy == "scratch":
                         scratch_acc[fraction, seed] = outcome.test_acc
                     rows.append(row)
+                    progress.add(row)
                     _record(stage, row, outcome, outcome.test_acc - scratch_acc[fraction, seed])
                     log.info("%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
                              target, strategy, fraction, seed, len(subset),
                              outcome.test_acc)  # fmt: skip
     table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
     files.write_text(layout.results(target), table.to_csv(index=False))
+    progress.path.unlink(missing_ok=True)  # done: the next run starts afresh
     return table
+
+
+class Progress:
+    """The grid cells finished so far, rewritten atomically after each one, so that a rerun
+    after a crash redoes only the unfinished cells (each cell depends on nothing but its seed
+    and inputs, so the final table is the same as an uninterrupted run's)."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.rows: dict[tuple[str, float, int], dict[str, Any]] = {}
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("fingerprint") == fingerprint:
+            for row in saved["rows"]:
+                self.rows[row["strategy"], row["fraction"], row["seed"]] = row
+            log.info("resuming %s: %d grid cells already finished", path, len(self.rows))
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["strategy"], row["fraction"], row["seed"]] = row
+        files.write_json(self.path, {"fingerprint": self.fingerprint,
+                                     "rows": list(self.rows.values())})  # fmt: skip
+
+
+def _fingerprint(params: Params, target: str, layout: Layout) -> str:
+    """What the target's grid depends on: params, inputs and the code that trains."""
+    inputs = [layout.prepared(target) / f"{s}.npz" for s in SPLITS]
+    inputs += [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
+    code = [Path(__file__).with_name(name) for name in CODE]
+    config = {k: getattr(params, k).model_dump(mode="json") for k in ("finetune", "runtime")}
+    return files.fingerprint({**config, "torch": torch.__version__}, [*inputs, *code])
 
 
 def _record(stage: Run, row: dict[str, Any], outcome: Outcome, gain: float) -> None:

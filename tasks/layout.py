@@ -21,6 +21,11 @@ class Layout:
         return self.root / "data" / "checkpoints" / "backbone.pt"
 
     @property
+    def pretrain_state(self) -> Path:
+        """Pretraining's state after its last complete epoch; gone once the checkpoint is out."""
+        return self.root / "data" / "checkpoints" / "pretrain.resume.pt"
+
+    @property
     def checkpoint_meta(self) -> Path:
         return self.root / "data" / "checkpoints" / "backbone.json"
 
@@ -29,6 +34,10 @@ class Layout:
 
     def results(self, target: str) -> Path:
         return self.root / "data" / "results" / f"{target}.csv"
+
+    def finetune_progress(self, target: str) -> Path:
+        """The grid cells of `target` finished so far; gone once its results file is out."""
+        return self.root / "data" / "results" / f"{target}.progress.json"
 
     @property
     def reports(self) -> Path:

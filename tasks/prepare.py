@@ -6,10 +6,12 @@ import logging
 
 import numpy as np
 
+from tasks import files
 from tasks.cli import run_stage
-from tasks.datasets import SPLITS, build_splits, save_splits
+from tasks.datasets import SPLITS, save_splits
 from tasks.layout import Layout
 from tasks.params import Params
+from tasks.sources import build_splits
 from tasks.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -18,11 +20,18 @@ log = logging.getLogger(__name__)
 def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int]]:
     """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes."""
     datasets = {"source": params.source, **params.targets}
+    root = layout.prepared("source").parent
+    files.check_writable(root)
     sizes = {}
     with run.child("prepare", tags={"stage": "prepare"}) as stage:
+        # Build and check every dataset before writing any, so that a bad one changes nothing.
+        built = {}
         for name, spec in datasets.items():
             where = "source" if name == "source" else f"targets.{name}"
-            splits, classes = build_splits(spec, params.split, where=f"{where} ({spec.kind})")
+            origin = spec.path or spec.kind  # a user's file is named in any error
+            built[name] = build_splits(spec, params.split, where=f"{where} ({origin})")
+        for name, (splits, classes) in built.items():
+            spec = datasets[name]
             sizes[name] = {split: len(splits[split]) for split in SPLITS}
             meta = {
                 "name": name,
@@ -37,6 +46,7 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
             }
             save_splits(layout.prepared(name), splits, meta)
             log.info("prepared %s: %s", name, sizes[name])
+        files.prune(root, keep=set(datasets))  # datasets no longer in params
         stage.log(
             params={"datasets": ",".join(datasets)},
             metrics={f"{n}/{s}_size": v for n, split in sizes.items() for s, v in split.items()},

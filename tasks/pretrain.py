@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+
+import torch
 
 from tasks import files, runtime
 from tasks.cli import run_stage
@@ -11,14 +14,17 @@ from tasks.layout import Layout
 from tasks.models import architecture, build_classifier, save_checkpoint
 from tasks.params import Params
 from tasks.tracking import Run
-from tasks.train import DeviceData, evaluate, fit
+from tasks.train import DeviceData, Resume, evaluate, fit
 
 log = logging.getLogger(__name__)
+# The modules whose code decides the pretrained weights (part of the resume fingerprint).
+CODE = [Path(__file__).with_name(name) for name in ("pretrain.py", "train.py", "models.py")]
 
 
 def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
     """Train on source train/val; write the self-describing checkpoint and its metrics."""
     cfg = params.pretrain
+    files.check_writable(layout.checkpoint.parent)
     device = runtime.configure(params.runtime)
     source = layout.prepared("source")
     meta = load_meta(source)
@@ -35,6 +41,7 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             stage.log(metrics=metrics, step=epoch)  # one batched request per epoch
             log.info("pretrain epoch %d: %s", epoch, _fmt(metrics))
 
+        resume = Resume(layout.pretrain_state, _fingerprint(params, source))
         result = fit(
             model,
             [{"params": model.parameters(), "lr": cfg.lr}],
@@ -43,6 +50,7 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             cfg,
             seed=cfg.seed,
             on_epoch=on_epoch,
+            resume=resume,
         )
         summary = {
             "val_acc": result.best_val_acc,
@@ -58,11 +66,22 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             metrics=summary,
         )
         files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
+        layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
         stage.log(metrics={"best/val_acc": summary["val_acc"]})
     log.info(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
     )
     return summary
+
+
+def _fingerprint(params: Params, source: Path) -> str:
+    """What pretraining's result depends on: its params, the source data and the code that
+    trains; a saved state with another fingerprint is not resumed."""
+    config = {k: getattr(params, k).model_dump(mode="json") for k in ("model", "pretrain",
+                                                                   "runtime")}  # fmt: skip
+    return files.fingerprint(
+        {**config, "torch": torch.__version__}, [source / "train.npz", source / "val.npz", *CODE]
+    )
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -9,25 +9,46 @@ Which parent a stage joins:
 - under `dvc repro`, each stage is its own process: the stages of one repro find their shared
   parent by a tag holding the pid and start time of the `dvc` process that launched them;
 - a stage run by hand gets a parent of its own.
+
+Tracking never costs a result. The URI is checked before any work (an unreachable server fails
+in seconds, naming it). If the store fails later, the first error is kept, further records are
+skipped, the stage still writes its result files, and the command then exits with that error.
+When a pipeline is interrupted or fails, every run it left open is ended KILLED or FAILED.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import threading
 import time
+import urllib.error
+import urllib.request
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request (params: 100)
+# MLflow retries a failed HTTP request 7 times with a growing backoff (minutes in all); a dead
+# server should cost seconds. Set these variables yourself to choose otherwise.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; the message names the tracking URI."""
 
 
 def tracking_uri() -> str:
@@ -38,18 +59,66 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class Connection:
+    """One pipeline execution's link to MLflow, shared by all its runs (and threads): the client,
+    the runs still open, and the first tracking error, after which records are skipped."""
+
+    def __init__(self, client: MlflowClient | None, experiment_id: str):
+        self.client, self.experiment_id = client, experiment_id
+        self.error: str | None = None
+        self.open: dict[str, str] = {}  # run id -> name, for runs not ended yet
+        self._lock = threading.Lock()
+        _CONNECTIONS.add(self)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call an MlflowClient method; None without a client or after the first failure."""
+        if self.client is None or self.error is not None:
+            return None
+        try:
+            return getattr(self.client, method)(*args, **kwargs)
+        except Exception as err:  # MLflow raises many kinds (HTTP, SQL, OS): all mean "lost"
+            with self._lock:
+                if self.error is None:
+                    self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    log.error("MLflow tracking at %s failed, records from now on are skipped "
+                              "(results are still written to files): %s",
+                              tracking_uri(), self.error)  # fmt: skip
+            return None
+
+    def end_open_runs(self, status: str) -> None:
+        """End every run still open (in any thread) with `status`: KILLED or FAILED."""
+        with self._lock:
+            stranded = list(self.open)
+        for run_id in stranded:
+            self.call("set_terminated", run_id, status=status)
+            self.open.pop(run_id, None)
+
+
+_CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def end_all_open_runs(status: str) -> None:
+    """End every run this process left open, in any thread (for a process about to stop)."""
+    for connection in list(_CONNECTIONS):
+        connection.end_open_runs(status)
+
+
 class Run:
     """One MLflow run, addressed by id; a context manager that ends it with the right status."""
 
-    def __init__(self, client: MlflowClient | None, run_id: str, experiment_id: str):
-        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
+    def __init__(self, connection: Connection, run_id: str | None, top_level: bool = False):
+        self.connection, self.run_id, self.top_level = connection, run_id, top_level
 
     def child(self, name: str, tags: dict[str, str] | None = None) -> Run:
         """A new run nested under this one."""
-        run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={PARENT_TAG: self.run_id, **(tags or {})}
-        )
-        return Run(self.client, run.info.run_id, self.experiment_id)
+        created = self.connection.call(
+            "create_run", self.connection.experiment_id, run_name=name,
+            tags={PARENT_TAG: self.run_id, **(tags or {})},
+        )  # fmt: skip
+        if created is None:
+            return Run(self.connection, None)
+        self.connection.open[created.info.run_id] = name
+        return Run(self.connection, created.info.run_id)
 
     def log(
         self,
@@ -77,18 +146,27 @@ class Run:
         self._batch(metrics, [], [])
 
     def _batch(self, metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> None:
+        if self.run_id is None:
+            return
         while metrics or params or tags:
-            self.client.log_batch(self.run_id, metrics[:_BATCH], params[:100], tags[:100])
+            self.connection.call(
+                "log_batch", self.run_id, metrics[:_BATCH], params[:100], tags[:100]
+            )
             metrics, params, tags = metrics[_BATCH:], params[100:], tags[100:]
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self.run_id is not None:
+            self.connection.call("log_artifact", self.run_id, str(path), artifact_path)
 
     def set_status(self, status: str) -> None:
+        if self.run_id is None:
+            return
         if status == "RUNNING":
-            self.client.update_run(self.run_id, status="RUNNING")
+            self.connection.call("update_run", self.run_id, status="RUNNING")
+            self.connection.open[self.run_id] = "parent"
         else:
-            self.client.set_terminated(self.run_id, status=status)
+            self.connection.call("set_terminated", self.run_id, status=status)
+            self.connection.open.pop(self.run_id, None)
 
     def __enter__(self) -> Run:
         return self
@@ -96,47 +174,67 @@ class Run:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
             self.set_status("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
-            self.set_status("KILLED")
-        else:
-            self.set_status("FAILED")
+            return
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt | SystemExit) else "FAILED"
+        self.set_status(status)
+        if self.top_level:
+            self.connection.end_open_runs(status)  # what other threads left open, too
 
 
 class NullRun(Run):
     """A run that records nothing: for callers that want the stage without tracking."""
 
     def __init__(self) -> None:
-        super().__init__(client=None, run_id="", experiment_id="")
-
-    def child(self, name: str, tags: dict[str, str] | None = None) -> Run:
-        return self
-
-    def _batch(self, metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> None:
-        pass
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_status(self, status: str) -> None:
-        pass
+        super().__init__(Connection(client=None, experiment_id=""), run_id=None)
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    found = client.get_experiment_by_name(name)
-    return found.experiment_id if found else client.create_experiment(name)
+def check_tracking(uri: str) -> None:
+    """Fail in seconds, naming the URI, if the tracking store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
+                answer.read()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+                "MLFLOW_TRACKING_URI to record in sqlite:///mlflow.db"
+            ) from err
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is not writable")
+
+
+def _connect(experiment: str) -> Connection:
+    uri = tracking_uri()
+    check_tracking(uri)
+    client = MlflowClient(uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    except Exception as err:  # the store answered, but not as a store should
+        raise TrackingError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from err
+    return Connection(client, exp_id)
 
 
 def start_pipeline_run(experiment: str, orchestrator: str, execution: str | None = None) -> Run:
-    """Create the parent run of one pipeline execution."""
-    client = MlflowClient(tracking_uri())
-    exp_id = experiment_id(client, experiment)
+    """Create the parent run of one pipeline execution (after checking the store)."""
+    connection = _connect(experiment)
+    return _create_parent(connection, orchestrator, execution)
+
+
+def _create_parent(connection: Connection, orchestrator: str, execution: str | None) -> Run:
     tags = {
         "orchestrator": orchestrator,
         EXECUTION_TAG: execution or f"{orchestrator}-{_now_ms()}",
     }
     name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({orchestrator})"
-    run = client.create_run(exp_id, run_name=name, tags=tags)
-    return Run(client, run.info.run_id, exp_id)
+    run = connection.call("create_run", connection.experiment_id, run_name=name, tags=tags)
+    if run is None:
+        raise TrackingError(f"MLflow tracking store {tracking_uri()}: {connection.error}")
+    connection.open[run.info.run_id] = name
+    return Run(connection, run.info.run_id, top_level=True)
 
 
 def _dvc_execution() -> str | None:
@@ -161,13 +259,13 @@ def join_stage_parent(experiment: str) -> Run:
     execution = _dvc_execution()
     if execution is None:
         return start_pipeline_run(experiment, orchestrator="cli")
-    client = MlflowClient(tracking_uri())
-    exp_id = experiment_id(client, experiment)
-    found = client.search_runs(
-        [exp_id], filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1
-    )
+    connection = _connect(experiment)
+    found = connection.call(
+        "search_runs", [connection.experiment_id],
+        filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1,
+    )  # fmt: skip
     if not found:
-        return start_pipeline_run(experiment, orchestrator="dvc", execution=execution)
-    parent = Run(client, found[0].info.run_id, exp_id)
-    parent.set_status(RunStatus.to_string(RunStatus.RUNNING))
+        return _create_parent(connection, "dvc", execution)
+    parent = Run(connection, found[0].info.run_id, top_level=True)
+    parent.set_status("RUNNING")
     return parent

@@ -9,15 +9,20 @@ accuracy (ties go to the lower validation loss); without a validation split the 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks import files
 from tasks.datasets import Labelled
 from tasks.params import TrainParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,14 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, f
     return {"loss": loss, "acc": acc}
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a run keeps its state after every epoch, and what must match to continue from it."""
+
+    path: Path
+    fingerprint: str  # of everything the result depends on: params, data, code version
+
+
 def fit(
     model: nn.Module,
     param_groups: Iterable[dict],
@@ -75,15 +88,31 @@ def fit(
     cfg: TrainParams,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    resume: Resume | None = None,
 ) -> FitResult:
     """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs, and
-    keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last."""
+    keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last.
+
+    With `resume`, the full state (weights, optimizer, data-order RNG, best epoch, history) is
+    written atomically after every epoch, and a rerun continues from the last complete epoch,
+    ending with the same weights as an uninterrupted run.
+    """
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
     optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
     best_score: tuple[float, float] = (-1.0, -float("inf"))  # (val acc, -val loss): maximise
     best_state, best_epoch, history = None, -1, []
-    for epoch in range(cfg.max_epochs):
+    saved = _load_state(resume)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        order_rng.set_state(saved["order_rng"])
+        best_score, best_epoch = tuple(saved["best_score"]), saved["best_epoch"]
+        best_state, history = saved["best_state"], saved["history"]
+        log.info("resuming from the end of epoch %d (%s)", len(history) - 1, resume.path)
+    for epoch in range(len(history), cfg.max_epochs):
+        if val is not None and epoch - 1 - best_epoch >= cfg.patience:
+            break  # early stopping: no better validation score for `patience` epochs
         model.train()
         order = torch.randperm(len(train), generator=order_rng).to(device)
         loss_sum = torch.zeros((), device=device)
@@ -100,17 +129,35 @@ def fit(
         if val is not None:
             scores = evaluate(model, val, max(cfg.batch_size, 1024))
             metrics |= {"val/loss": scores["loss"], "val/acc": scores["acc"]}
+            if (scores["acc"], -scores["loss"]) > best_score:
+                best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
+                best_state = copy.deepcopy(model.state_dict())
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if val is None:
-            continue
-        if (scores["acc"], -scores["loss"]) > best_score:
-            best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
-            best_state = copy.deepcopy(model.state_dict())
-        elif epoch - best_epoch >= cfg.patience:
-            break
+        if resume is not None:
+            files.torch_save(resume.path, {
+                "fingerprint": resume.fingerprint, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "order_rng": order_rng.get_state(),
+                "best_score": list(best_score), "best_epoch": best_epoch,
+                "best_state": best_state, "history": history,
+            })  # fmt: skip
     if val is None:
         return FitResult(len(history) - 1, float("nan"), float("nan"), history)
     model.load_state_dict(best_state)
     return FitResult(best_epoch, best_score[0], -best_score[1], history)
+
+
+def _load_state(resume: Resume | None) -> dict | None:
+    """The saved state if it belongs to this very run; a stale or unreadable one is ignored."""
+    if resume is None or not resume.path.exists():
+        return None
+    try:
+        state = torch.load(resume.path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: start over rather than fail
+        log.warning("ignoring unreadable resume state %s (%s)", resume.path, err)
+        return None
+    if state.get("fingerprint") != resume.fingerprint:
+        log.info("ignoring resume state %s: it belongs to other params or data", resume.path)
+        return None
+    return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -44,9 +45,22 @@ def run_command(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """Run a command as a user would, with this interpreter's environment first on PATH."""
-    env = {**os.environ, **(env or {})}
+    # git needs an identity for `dvc exp run`, which CI's machine may not have configured
+    identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
+                for what, value in (("NAME", "test"), ("EMAIL", "test@example.com"))}  # fmt: skip
+    env = {**identity, **os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("PYTHONPATH", None)
     return subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def digest(root: Path) -> dict[str, str]:
+    """md5 of every file under data/ and reports/: what "nothing changed" is checked against."""
+    return {
+        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
+        for folder in ("data", "reports")
+        for p in sorted((root / folder).rglob("*"))
+        if p.is_file() and p.name != ".gitignore"
+    }

@@ -21,7 +21,24 @@ KEY = "${key}"
 
 
 def body(stage: str) -> dict:
-    return DVC[stage].get("do", DVC[stage])
+    """A stage's definition, with output entries reduced to their paths."""
+    definition = dict(DVC[stage].get("do", DVC[stage]))
+    for kind in ("outs", "metrics", "plots"):
+        if kind in definition:
+            definition[kind] = [
+                e if isinstance(e, str) else next(iter(e)) for e in definition[kind]
+            ]
+    return definition
+
+
+def test_every_output_persists_while_its_stage_runs() -> None:
+    """DVC deletes non-persistent outputs before running a stage, so a stage that then refuses
+    bad params would lose the previous results."""
+    for stage in STAGES:
+        definition = DVC[stage].get("do", DVC[stage])
+        for kind in ("outs", "metrics", "plots"):
+            for entry in definition.get(kind, []):
+                assert isinstance(entry, dict) and next(iter(entry.values()))["persist"], entry
 
 
 def test_stage_name_is_module_is_function_and_the_flow_runs_the_same_function() -> None:

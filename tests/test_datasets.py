@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datasets import DataError, build_splits, stratified_split
+from tasks.datasets import DataError, stratified_split
 from tasks.params import DatasetSpec, SplitParams
+from tasks.sources import build_splits
 
 SPLIT = SplitParams(val=0.2, test=0.2, seed=0)
 
@@ -37,6 +38,15 @@ def test_mnist1d_matches_the_published_generator() -> None:
     pool = np.concatenate([s.x[:, 0] for s in ours.values()])
     # the same examples (ours are re-split), so the sorted multiset of rows agrees
     assert sorted(map(tuple, pool.round(5))) == sorted(map(tuple, ref_x.round(5)))
+
+
+def test_fast_engine_gives_the_same_shapes_and_labels() -> None:
+    spec = DatasetSpec(kind="mnist1d", classes=[3, 8],
+                       generator={"num_samples": 300, "seed": 4, "engine": "fast"})  # fmt: skip
+    splits, classes = build_splits(spec, SPLIT, "t")
+    assert classes == [3, 8] and sum(len(s) for s in splits.values()) == 300
+    assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == np.float32
+    assert sorted(np.unique(splits["train"].y)) == [0, 1]
 
 
 def test_stratified_split_is_disjoint_complete_and_proportional() -> None:
@@ -99,6 +109,7 @@ def test_npz_with_its_own_test_arrays(tmp_path: Path) -> None:
         ({"x": np.zeros((4, 3)), "y": np.zeros(4)}, r"'y' must hold integer labels"),
         ({"x": np.zeros((4, 3)), "y": np.array([0, 1, -1, 0])}, r"negative labels"),
         ({"x": np.zeros((4, 3)), "y": np.array([0, 2, 2, 0])}, r"must run 0..K-1 without gaps"),
+        ({"x": np.full((4, 3), 1e300), "y": np.array([0, 1, 1, 0])}, r"beyond float32's range"),
     ],
 )
 def test_npz_problems_name_the_file(tmp_path: Path, arrays, message: str) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tasks.finetune import STRATEGIES
 from tasks.params import ParamsError, load_params
@@ -163,3 +167,55 @@ def test_overrides_apply_and_are_validated() -> None:
 def test_missing_params_file(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"params file not found"):
         load_params(tmp_path / "absent.yaml")
+
+
+# --- property-based: any mutation of a valid document is accepted or refused cleanly ---------
+
+TINY_DOC = yaml.safe_load(TINY.read_text())
+VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.lists(st.integers(-3, 12), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)  # fmt: skip
+
+
+def paths(node, prefix=()):
+    """Every key path in a nested document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield (*prefix, key)
+            yield from paths(value, (*prefix, key))
+
+
+@st.composite
+def mutated_documents(draw):
+    doc = copy.deepcopy(TINY_DOC)
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(sorted(paths(doc), key=str)))
+        *parents, leaf = path
+        node = doc
+        for key in parents:
+            node = node[key]
+        action = draw(st.sampled_from(["delete", "replace", "add"]))
+        if action == "delete":
+            del node[leaf]
+        elif action == "replace":
+            node[leaf] = draw(VALUES)
+        elif isinstance(node[leaf], dict):
+            node[leaf][draw(st.text(min_size=1, max_size=6))] = draw(VALUES)
+        if not list(paths(doc)):
+            break
+    return doc
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_documents())
+def test_any_mutated_document_is_accepted_or_refused_with_a_one_line_message(doc) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "params.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        try:
+            load_params(path)
+        except ParamsError as err:
+            message = str(err)
+            assert message.startswith(f"{path}: ") and "\n" not in message

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import pytest
 from mlflow import MlflowClient
 
 from tasks.params import load_params
-from tests.helpers import make_workspace, run_command
+from tests.helpers import digest, run_command
 
 pytestmark = pytest.mark.slow
 OUTPUTS = [
@@ -18,40 +15,6 @@ OUTPUTS = [
     "data/results/shifted.csv",
     "reports/comparison.csv",
 ]
-
-
-def digest(root: Path) -> dict[str, str]:
-    """md5 of every file under data/ and reports/."""
-    return {
-        str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest()
-        for folder in ("data", "reports")
-        for p in sorted((root / folder).rglob("*"))
-        if p.is_file() and p.name != ".gitignore"
-    }
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """One workspace run by the Prefect flow, one by `dvc repro`; each has its MLflow store."""
-    root = tmp_path_factory.mktemp("pipeline")
-    done = {}
-    for name, command in [
-        ("prefect", ["-m", "flows.pipeline", "--params", "params.yaml"]),
-        ("dvc", ["-m", "dvc", "repro"]),
-    ]:
-        workspace = make_workspace(root / name)
-        result = run_command(
-            ["python", *command],
-            cwd=workspace,
-            env={
-                "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-                "PREFECT_HOME": str(root / "prefect-home"),
-            },
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        (workspace / "run.log").write_text(result.stdout + result.stderr)
-        done[name] = workspace
-    return done
 
 
 def test_both_orchestrators_give_identical_files(runs) -> None:

@@ -1,0 +1,391 @@
+"""Bad input meets a clear error and loses nothing, checked as a user meets it: through the real
+command line, on a workspace that already holds a finished run's outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from tests.helpers import digest, run_command
+
+pytestmark = pytest.mark.slow
+FLOW = ["python", "-m", "flows.pipeline"]
+
+
+@pytest.fixture
+def workspace(runs, tmp_path: Path) -> Path:
+    """A private copy of the finished `dvc repro` workspace, to damage at will."""
+    copy = tmp_path / "ws"
+    shutil.copytree(runs["dvc"], copy, symlinks=True)
+    return copy
+
+
+def edit_params(workspace: Path, edit) -> Path:
+    doc = yaml.safe_load((workspace / "params.yaml").read_text())
+    edit(doc)
+    path = workspace / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's error: its last line on stderr (progress logs may stand before it)."""
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.stderr
+    return line
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d["finetune"].update(sedds=[1]), "finetune.sedds: unknown key"),
+        (lambda d: d["pretrain"].update(lr="fast"), "pretrain.lr: Input should be a valid number"),
+        (lambda d: d["pretrain"].update(max_epochs=0), "pretrain.max_epochs: Input should be greater than 0"),
+        (lambda d: d["finetune"].update(batch_size=-1), "finetune.batch_size: Input should be greater than 0"),
+        (lambda d: d["finetune"].update(fractions=[0.5, 1.5]), "finetune.fractions.1: Input should be less than or equal to 1"),
+        (lambda d: d.update(targets={}), "targets: Value error, must name at least one target"),
+        (lambda d: d["finetune"].update(strategies=["scratch", "magic"]), "finetune.strategies.1: Input should be"),
+        (lambda d: d["source"].update(kind="images"), "source.kind: Input should be 'mnist1d' or 'npz'"),
+        (lambda d: d["model"].update(backbone="resnet"), "model.backbone: Input should be 'cnn1d' or 'mlp'"),
+        (lambda d: d["targets"]["shifted"].update(classes=[]), "targets.shifted.classes: Value error, must name at least one class"),
+        (lambda d: d["targets"].update(mine={"kind": "npz", "path": "data/raw/none.npz"}), "targets.mine.path: file 'data/raw/none.npz' does not exist"),
+    ],
+)  # fmt: skip
+def test_bad_params_are_refused_before_any_work(workspace: Path, edit, message: str) -> None:
+    bad = edit_params(workspace, edit)
+    before = digest(workspace)
+    started = time.monotonic()
+    result = run_command([*FLOW, "--params", "bad.yaml"], cwd=workspace)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1  # nothing but the one line
+    assert one_line_error(result).startswith(f"error: {bad.name}: {message}")
+    assert time.monotonic() - started < 30 and "Starting temporary server" not in result.stderr
+    assert digest(workspace) == before
+
+
+def test_duplicate_target_names_and_yaml_syntax(workspace: Path) -> None:
+    text = (workspace / "params.yaml").read_text()
+    (workspace / "dup.yaml").write_text(text.replace("  shifted:\n", "  new_classes:\n", 1))
+    (workspace / "broken.yaml").write_text(text.replace("finetune:\n", "finetune: [\n", 1))
+    before = digest(workspace)
+    duplicate = run_command([*FLOW, "--params", "dup.yaml"], cwd=workspace)
+    assert duplicate.returncode == 2
+    assert "dup.yaml: YAML does not parse" in one_line_error(duplicate)
+    assert "duplicate key 'new_classes'" in duplicate.stderr
+    broken = run_command([*FLOW, "--params", "broken.yaml"], cwd=workspace)
+    assert broken.returncode == 2
+    assert one_line_error(broken).startswith("error: broken.yaml: YAML does not parse at line")
+    assert digest(workspace) == before
+
+
+def test_bad_overrides_on_the_command_line_and_through_dvc(workspace: Path) -> None:
+    before = digest(workspace)
+    flow = run_command([*FLOW, "--set", "finetune.fractions=[0, 1]"], cwd=workspace)
+    assert flow.returncode == 2
+    assert one_line_error(flow) == (
+        "error: params.yaml: finetune.fractions.0: Input should be greater than 0 (got 0)"
+    )
+    # `dvc exp run -S` writes the value into params.yaml, then the stage refuses it; the
+    # outputs persist (dvc.yaml), so DVC does not delete them first either.
+    dvc = run_command(["python", "-m", "dvc", "exp", "run", "-S", "finetune.max_epochs=0"],
+                      cwd=workspace)  # fmt: skip
+    assert dvc.returncode != 0
+    assert "params.yaml: finetune.max_epochs: Input should be greater than 0" in dvc.stderr
+    assert digest(workspace) == before
+
+
+def write_npz(path: Path, **arrays) -> None:
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "problem"),
+    [
+        ({"y": np.zeros(90, int)}, "missing array 'x'"),
+        ({"x": np.zeros((90, 3, 8, 2)), "y": np.arange(90) % 3}, "'x' must have shape (N, L) or (N, C, L)"),
+        ({"x": np.zeros((90, 8)), "y": np.arange(91) % 3}, "'x' has 90 rows but 'y' has 91"),
+        ({"x": np.full((90, 8), np.inf), "y": np.arange(90) % 3}, "'x' has NaN or inf values in 90 examples"),
+        ({"x": np.array([["a"] * 8] * 90), "y": np.arange(90) % 3}, "'x' must be real numbers"),
+        ({"x": np.zeros((90, 8)), "y": (np.arange(90) % 3) + 0.5}, "'y' must hold integer labels"),
+        ({"x": np.zeros((90, 8)), "y": (np.arange(90) % 3) - 1}, "negative labels"),
+        ({"x": np.zeros((90, 8)), "y": (np.arange(90) % 3) * 2}, "labels in 'y' must run 0..K-1 without gaps"),
+        ({"x": np.zeros((90, 8)), "y": np.r_[np.zeros(88, int), 1, 1]}, "class 1 has 2 examples"),
+    ],
+)  # fmt: skip
+def test_bad_user_data_is_named_and_changes_nothing(workspace: Path, arrays, problem: str) -> None:
+    write_npz(workspace / "data/raw/mine.npz", **arrays)
+    edit = {"kind": "npz", "path": "data/raw/mine.npz"}
+    edit_params(workspace, lambda d: d["targets"].update(mine=edit))
+    before = digest(workspace)
+    result = run_command(["python", "-m", "tasks.prepare", "--params", "bad.yaml"], cwd=workspace)
+    assert result.returncode == 1
+    line = one_line_error(result)
+    assert "data/raw/mine.npz" in line and problem in line
+    assert digest(workspace) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip"])
+def test_empty_or_corrupt_npz(workspace: Path, content: bytes) -> None:
+    (workspace / "data/raw/mine.npz").write_bytes(content)
+    edit_params(workspace, lambda d: d["targets"].update(
+        mine={"kind": "npz", "path": "data/raw/mine.npz"}))  # fmt: skip
+    result = run_command(["python", "-m", "tasks.prepare", "--params", "bad.yaml"], cwd=workspace)
+    assert result.returncode == 1
+    assert "data/raw/mine.npz: " in one_line_error(result)
+    assert ("file is empty" if not content else "not a readable .npz file") in result.stderr
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (Path("pwned").touch, ())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign", "malicious"])
+def test_damaged_checkpoint_is_refused_by_name(workspace: Path, damage: str) -> None:
+    checkpoint = workspace / "data/checkpoints/backbone.pt"
+    if damage == "truncate":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    elif damage == "foreign":
+        payload = torch.load(checkpoint, weights_only=True)
+        payload["arch"]["channels"] = [16, 16]  # declares an architecture it does not hold
+        torch.save(payload, checkpoint)
+    else:
+        torch.save({"format": 1, "arch": {}, "num_classes": 2, "state_dict": _Exploit()},
+                   checkpoint)  # fmt: skip
+    before = digest(workspace)
+    result = run_command(["python", "-m", "tasks.extract", "--target", "shifted"], cwd=workspace)
+    assert result.returncode == 1
+    expected = {"truncate": "truncated or corrupt", "foreign": "weights do not fit",
+                "malicious": "refused to load"}[damage]  # fmt: skip
+    assert one_line_error(result).startswith("error: data/checkpoints/backbone.pt: ")
+    assert expected in result.stderr
+    assert not (workspace / "pwned").exists()  # the pickle's code never ran
+    assert digest(workspace) == before
+
+
+def test_unreachable_tracking_server_fails_fast_and_by_name(workspace: Path) -> None:
+    before = digest(workspace)
+    started = time.monotonic()
+    uri = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    result = run_command(FLOW, cwd=workspace, env={"MLFLOW_TRACKING_URI": uri})
+    assert result.returncode == 1 and time.monotonic() - started < 20
+    assert one_line_error(result).startswith(f"error: MLflow tracking server {uri} is unreachable")
+    assert digest(workspace) == before
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path: Path) -> None:
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(  # its own process group: mlflow server starts uvicorn under it
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        client = MlflowClient(uri)
+        for _ in range(120):
+            try:
+                client.search_experiments()
+                break
+            except Exception:
+                time.sleep(0.5)
+
+        def kill_when_finetune_starts() -> None:
+            for _ in range(600):
+                try:
+                    if client.search_runs(
+                        [e.experiment_id for e in client.search_experiments()],
+                        filter_string="tags.stage = 'finetune'",
+                    ):
+                        break
+                except Exception:
+                    pass
+                time.sleep(0.1)
+            os.killpg(server.pid, signal.SIGKILL)
+
+        (workspace / "data/results/shifted.csv").unlink()
+        watcher = threading.Thread(target=kill_when_finetune_starts)
+        watcher.start()
+        result = run_command(["python", "-m", "tasks.finetune", "--target", "shifted"],
+                             cwd=workspace, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+        watcher.join()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+    assert result.returncode == 1
+    assert one_line_error(result).startswith(f"error: MLflow tracking at {uri} failed during")
+    assert "the result files were written" in result.stderr
+    rows = (workspace / "data/results/shifted.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 5 * 2 * 2  # header + strategies x fractions x seeds
+
+
+def mount_tmpfs(path: Path, options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True, check=False)  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+
+
+@pytest.mark.parametrize("trouble", ["read-only", "full"])
+def test_unwritable_or_full_output_folder(workspace: Path, trouble: str) -> None:
+    results = workspace / "data/results"
+    saved = {p.name: p.read_bytes() for p in results.glob("*.csv")}
+    shutil.rmtree(results)
+    mount_tmpfs(results, "size=64k")
+    try:
+        for name, content in saved.items():
+            (results / name).write_bytes(content)
+        if trouble == "full":
+            with open(results / "filler", "wb") as filler, contextlib.suppress(OSError):
+                filler.write(b"\0" * 10**6)  # until the disk is full
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
+        before = digest(workspace)
+        result = run_command(["python", "-m", "tasks.finetune", "--target", "shifted"],
+                             cwd=workspace)  # fmt: skip
+        reason = "Read-only file system" if trouble == "read-only" else "No space left on device"
+        assert result.returncode == 1
+        assert one_line_error(result) == (
+            f"error: data/results: output folder is not writable ({reason}); nothing was changed"
+        )
+        assert digest(workspace) == before
+        assert not [p for p in results.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(results)], check=False)
+
+
+def start(command: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+LONG_PRETRAIN = ["--set", "pretrain.max_epochs=150", "--set", "pretrain.patience=150"]
+LONGER_PRETRAIN = ["--set", "pretrain.max_epochs=5000", "--set", "pretrain.patience=5000"]
+
+
+def interrupt_pretraining(workspace: Path, signum: int) -> subprocess.CompletedProcess:
+    """Start pretraining, let it finish an epoch or so, then send `signum`."""
+    process = start([sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN], workspace)
+    wait_for(workspace / "data/checkpoints/pretrain.resume.pt")
+    time.sleep(0.3)
+    sent = time.monotonic()
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def latest_runs(count: int) -> list:
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, order_by=["start_time DESC"], max_results=count)
+
+
+def test_ctrl_c_stops_pretraining_and_a_rerun_resumes_to_the_same_weights(
+    workspace: Path, tmp_path: Path
+) -> None:
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(workspace, uninterrupted, symlinks=True)
+    command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
+    assert run_command(command, cwd=uninterrupted).returncode == 0
+
+    process = interrupt_pretraining(workspace, signal.SIGINT)
+    assert process.returncode == 130
+    assert "interrupted: finished outputs and the last complete epoch are kept" in process.stderr
+    state = workspace / "data/checkpoints/pretrain.resume.pt"
+    assert state.exists()  # the last complete epoch
+    killed = latest_runs(2)
+    assert {r.info.run_name.split(" ")[0] for r in killed} == {"pretrain", "pipeline"}
+    assert {r.info.status for r in killed} == {"KILLED"}
+
+    resumed = run_command(command, cwd=workspace)
+    assert resumed.returncode == 0 and "resuming from the end of epoch" in resumed.stderr
+    assert not state.exists()
+    checkpoint = "data/checkpoints/backbone.pt"
+    assert (workspace / checkpoint).read_bytes() == (uninterrupted / checkpoint).read_bytes()
+
+
+def test_sigterm_stops_pretraining_and_ends_its_runs_killed(workspace: Path) -> None:
+    process = interrupt_pretraining(workspace, signal.SIGTERM)
+    assert process.returncode == 143
+    assert (workspace / "data/checkpoints/pretrain.resume.pt").exists()
+    assert {r.info.status for r in latest_runs(2)} == {"KILLED"}
+
+
+def test_finetune_killed_hard_redoes_only_unfinished_cells(workspace: Path) -> None:
+    expected = (workspace / "data/results/new_classes.csv").read_bytes()
+    (workspace / "data/results/new_classes.csv").unlink()
+    command = [sys.executable, "-m", "tasks.finetune", "--target", "new_classes"]
+    process = start(command, workspace)
+    progress = workspace / "data/results/new_classes.progress.json"
+    wait_for(progress)
+    process.kill()  # kill -9: no cleanup at all
+    process.wait()
+    resumed = run_command(command, cwd=workspace)
+    assert resumed.returncode == 0 and "grid cells already finished" in resumed.stderr
+    assert (workspace / "data/results/new_classes.csv").read_bytes() == expected
+
+
+def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(workspace: Path) -> None:
+    process = start([sys.executable, "-m", "flows.pipeline", *LONG_PRETRAIN], workspace)
+    wait_for(workspace / "data/checkpoints/pretrain.resume.pt", timeout=120)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=30)
+    assert process.returncode == 130 and time.monotonic() - sent < 5
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.orchestrator = 'prefect'")  # fmt: skip
+    assert [r.info.status for r in runs] == ["KILLED"]
+    assert "RUNNING" not in {
+        r.info.status for r in client.search_runs([runs[0].info.experiment_id], max_results=500)
+    }
+
+
+def test_second_execution_on_a_busy_workspace_is_refused(workspace: Path) -> None:
+    first = start([sys.executable, "-m", "flows.pipeline", *LONGER_PRETRAIN], workspace)
+    wait_for(workspace / "data/checkpoints/pretrain.resume.pt", timeout=120)
+    before = digest(workspace)
+    for command in (FLOW, ["python", "-m", "tasks.compare"]):
+        second = run_command(command, cwd=workspace)
+        assert second.returncode == 1
+        line = one_line_error(second)
+        assert "another pipeline execution is running here (pid" in line
+        assert str(first.pid) in line
+    assert first.poll() is None  # the first one goes on, undisturbed
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=30)
+    after = digest(workspace)
+    assert {k: v for k, v in after.items() if "checkpoints" not in k} == {
+        k: v for k, v in before.items() if "checkpoints" not in k
+    }
