@@ -6,9 +6,11 @@ targets and one MLflow parent run per execution.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 # Before Prefect is imported: route the stages' progress logs through Prefect (console and UI),
@@ -21,7 +23,9 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.tasks import exponential_backoff
 
+from flows.versioning import Versioning
 from tasks.cli import (
     USER_ERRORS,
     Terminated,
@@ -35,10 +39,10 @@ from tasks.compare import compare
 from tasks.extract import extract
 from tasks.finetune import finetune
 from tasks.layout import Layout
-from tasks.params import load_params
+from tasks.params import DEFAULT_PARAMS, load_params
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.report import verdict_table
+from tasks.report import read_verdicts, verdict_table
 from tasks.tracking import (
     check_tracking,
     end_all_open_runs,
@@ -47,8 +51,10 @@ from tasks.tracking import (
 )
 from tasks.workspace import workspace_lock
 
-# Prefect's own result cache stays off: DVC is to be the one judge of what is stale, and a second
-# cache could disagree with it.
+log = logging.getLogger("flows.pipeline")  # also when Prefect loads this file by path
+
+# Prefect's own result cache stays off: DVC is the one judge of what is stale
+# (flows/versioning.py), and a second cache could disagree with it.
 _stage = task(cache_policy=NO_CACHE, persist_result=False)
 prepare_task = _stage(prepare, name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain")
@@ -59,23 +65,51 @@ compare_task = _stage(compare, name="compare")
 
 @flow(name="transfer-study")
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
-    """prepare -> pretrain -> (extract -> finetune) per target, in parallel -> compare."""
+    """prepare -> pretrain -> (extract -> finetune) per target, in parallel -> compare; each
+    stage only if DVC finds it stale, and recorded in DVC after it runs."""
+    configure_logging()  # again here: a deployment's runs do not pass through main()
     params = load_params(params_path, overrides or [])
     layout = Layout()  # the working directory, as for `dvc repro`
+    dvc = Versioning(layout.root, enabled=Path(params_path) == DEFAULT_PARAMS and not overrides)
+    backoff = exponential_backoff(params.flow.retry_delay_seconds)  # 1x, 2x, 4x ... the delay
+    retry = {"retries": params.flow.retries, "retry_delay_seconds": backoff}
+    prepare_, pretrain_, extract_, finetune_, compare_ = (
+        t.with_options(**retry)
+        for t in (prepare_task, pretrain_task, extract_task, finetune_task, compare_task)
+    )
     flow_run_id = str(get_run_context().flow_run.id)
-    with start_pipeline_run(params.experiment, "prefect", execution=flow_run_id) as parent:
-        prepare_task(params, layout, parent)
-        pretrain_task(params, layout, parent)
-        finetuned = []
+    with (
+        workspace_lock(layout.root),
+        start_pipeline_run(params.experiment, "prefect", flow_run_id, layout.root) as parent,
+    ):
+        for name, stage in (("prepare", prepare_), ("pretrain", pretrain_)):
+            if dvc.is_stale(name):
+                stage(params, layout, parent)
+                dvc.record(name)
+        # the fan-out: targets in parallel threads; DVC is asked and told from this thread only
+        extracting = {
+            t: extract_.submit(params, t, layout, parent)
+            for t in params.targets
+            if dvc.is_stale(f"extract@{t}")
+        }
+        finetuning = {}
         for target in params.targets:
-            features = extract_task.submit(params, target, layout, parent)
-            finetuned.append(
-                finetune_task.submit(params, target, layout, parent, wait_for=[features])
-            )
-        for future in finetuned:
-            future.result()  # raise the first failure here, before compare
-        comparison = compare_task(params, layout, parent)
-        verdicts = verdict_table(comparison.verdicts)
+            if target in extracting:
+                extracting[target].result()
+                dvc.record(f"extract@{target}")
+            if dvc.is_stale(f"finetune@{target}"):  # asked once its features are on disk
+                finetuning[target] = finetune_.submit(params, target, layout, parent)
+        for target, future in finetuning.items():
+            future.result()
+            dvc.record(f"finetune@{target}")
+        if dvc.is_stale("compare"):
+            compare_(params, layout, parent)
+            dvc.record("compare")
+        verdicts = verdict_table(read_verdicts(layout.reports / "verdicts.csv"))
+        parent.log(tags={"stages.run": ",".join(dvc.ran) or "none",
+                         "stages.skipped": ",".join(dvc.skipped) or "none"})  # fmt: skip
+        if dvc.push_if_remote():
+            parent.log(tags={"dvc.pushed": "true"})
         create_table_artifact(
             key="transfer-vs-scratch",
             table=verdicts.to_dict(orient="records"),
@@ -83,6 +117,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             "Full report: reports/report.md",
         )
     raise_if_tracking_failed(parent)
+    log.info("stages run: %s; up to date: %s", ", ".join(dvc.ran) or "none",
+             ", ".join(dvc.skipped) or "none")  # fmt: skip
     return verdicts.to_markdown(index=False, disable_numparse=True)
 
 

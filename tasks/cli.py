@@ -27,7 +27,7 @@ def configure_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for ours in ("tasks", "flows", "__main__"):
         logging.getLogger(ours).setLevel(logging.INFO)
-    for noisy in ("alembic", "mlflow.store.db.utils"):
+    for noisy in ("alembic", "mlflow.store.db.utils", "dvc"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

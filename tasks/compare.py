@@ -202,7 +202,8 @@ def compare(params: Params, layout: Layout, run: Run) -> Comparison:
         plots.feature_map(val, features, classes, target, features_png)
         figures += [curves, gain, features_png]
     files.prune(reports / "plots", keep={figure.name for figure in figures})
-    with run.child("compare", tags={"stage": "compare"}) as stage:
+    inputs = [layout.results(t) for t in params.targets]
+    with run.child("compare", tags={"stage": "compare"}, inputs=inputs) as stage:
         stage.log(metrics={"n_runs": len(results)})
     for name in [*written, "metrics.json"]:
         run.log_artifact(reports / name)

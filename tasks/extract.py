@@ -33,7 +33,9 @@ def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, 
         )
     backbone = model.backbone.to(device).eval()
     features = {}
-    with run.child(f"extract {target}", tags={"stage": "extract", "target": target}) as stage:
+    inputs = [prepared / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
+    tags = {"stage": "extract", "target": target}
+    with run.child(f"extract {target}", tags=tags, inputs=inputs) as stage:
         for split in SPLITS:
             data = load_split(prepared, split)
             features[split] = Labelled(

@@ -173,7 +173,9 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
     rows, scratch_acc = [], {}  # scratch's test accuracy by (fraction, seed), for paired gains
     # scratch first, so that each transfer run can record its gain over its scratch partner
     strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")
-    with run.child(f"finetune {target}", tags={"stage": "finetune", "target": target}) as stage:
+    inputs = data_files(target, layout)
+    tags = {"stage": "finetune", "target": target}
+    with run.child(f"finetune {target}", tags=tags, inputs=inputs) as stage:
         for strategy in strategies:
             for fraction in cfg.fractions:
                 for seed in cfg.seeds:
@@ -194,7 +196,8 @@ def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFr
                         scratch_acc[fraction, seed] = outcome.test_acc
                     rows.append(row)
                     progress.add(row)
-                    _record(stage, row, outcome, outcome.test_acc - scratch_acc[fraction, seed])
+                    gain = outcome.test_acc - scratch_acc[fraction, seed]
+                    _record(stage, row, outcome, gain, inputs)
                     log.info("%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
                              target, strategy, fraction, seed, len(subset),
                              outcome.test_acc)  # fmt: skip
@@ -224,22 +227,29 @@ class Progress:
                                      "rows": list(self.rows.values())})  # fmt: skip
 
 
+def data_files(target: str, layout: Layout) -> list[Path]:
+    """The files a target's grid reads: its splits, their features and the checkpoint."""
+    inputs = [layout.prepared(target) / f"{s}.npz" for s in SPLITS]
+    return inputs + [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
+
+
 def _fingerprint(params: Params, target: str, layout: Layout) -> str:
     """What the target's grid depends on: params, inputs and the code that trains."""
-    inputs = [layout.prepared(target) / f"{s}.npz" for s in SPLITS]
-    inputs += [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
+    inputs = data_files(target, layout)
     code = [Path(__file__).with_name(name) for name in CODE]
     config = {k: getattr(params, k).model_dump(mode="json") for k in ("finetune", "runtime")}
     return files.fingerprint({**config, "torch": torch.__version__}, [*inputs, *code])
 
 
-def _record(stage: Run, row: dict[str, Any], outcome: Outcome, gain: float) -> None:
+def _record(
+    stage: Run, row: dict[str, Any], outcome: Outcome, gain: float, inputs: list[Path]
+) -> None:
     """One MLflow run per grid cell: filter on target and fraction to see transfer by scratch."""
     transfer = row["strategy"] != "scratch"
     name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
     tags = {"target": row["target"], "strategy": row["strategy"],
             "kind": "transfer" if transfer else "scratch"}  # fmt: skip
-    with stage.child(name, tags=tags) as child:
+    with stage.child(name, tags=tags, inputs=inputs) as child:
         keys = ("target", "strategy", "fraction", "seed", "n_labels")
         child.log(
             params={k: row[k] for k in keys} | outcome.hparams,

@@ -158,6 +158,15 @@ class FinetuneParams(TrainParams):
         return strategies
 
 
+class FlowParams(_Frozen):
+    """Prefect only: no stage's output depends on these, so DVC does not track them."""
+
+    retries: Annotated[int, Field(ge=0)] = 2
+    retry_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
+    deployment: str = "transfer-study"
+    cron: str | None = None
+
+
 class Params(_Frozen):
     experiment: str = "transfer-study"
     runtime: RuntimeParams = RuntimeParams()
@@ -168,6 +177,7 @@ class Params(_Frozen):
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
+    flow: FlowParams = FlowParams()
 
     @model_validator(mode="after")
     def _partial_leaves_a_block_to_train(self) -> Params:

@@ -23,7 +23,8 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
     root = layout.prepared("source").parent
     files.check_writable(root)
     sizes = {}
-    with run.child("prepare", tags={"stage": "prepare"}) as stage:
+    user_files = [spec.path for spec in datasets.values() if spec.path is not None]
+    with run.child("prepare", tags={"stage": "prepare"}, inputs=user_files) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {}
         for name, spec in datasets.items():

@@ -11,6 +11,7 @@ from tasks import files, runtime
 from tasks.cli import run_stage
 from tasks.datasets import load_meta, load_split
 from tasks.layout import Layout
+from tasks.lineage import input_tags
 from tasks.models import architecture, build_classifier, save_checkpoint
 from tasks.params import Params
 from tasks.tracking import Run
@@ -32,7 +33,8 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
     arch = architecture(params.model, tuple(meta["input_shape"]))
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
 
-    with run.child("pretrain", tags={"stage": "pretrain"}) as stage:
+    inputs = [source / "train.npz", source / "val.npz"]
+    with run.child("pretrain", tags={"stage": "pretrain"}, inputs=inputs) as stage:
         stage.log(
             params={**cfg.model_dump(), **arch, "device": device.type, "n_train": len(train)}
         )
@@ -67,7 +69,9 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
         )
         files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
         layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
-        stage.log(metrics={"best/val_acc": summary["val_acc"]})
+        # the checkpoint it wrote, by the hash that dvc.lock will hold for it
+        stage.log(metrics={"best/val_acc": summary["val_acc"]},
+                  tags=input_tags(layout.root, [layout.checkpoint]))  # fmt: skip
     log.info(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
     )

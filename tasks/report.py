@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from tasks.params import Params
@@ -16,6 +18,14 @@ def _interval(low: float, high: float) -> str:
     if pd.isna(low):
         return "n/a (one seed)"
     return f"[{_points(low)}, {_points(high)}]"
+
+
+def read_verdicts(path: Path) -> pd.DataFrame:
+    """reports/verdicts.csv as `compare` wrote it (target names stay strings)."""
+    return pd.read_csv(
+        path, dtype={"target": str, "strategy": str, "verdict": str}, keep_default_na=False,
+        na_values={"gain_ci_low": [""], "gain_ci_high": [""]},
+    )  # fmt: skip
 
 
 def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:

@@ -26,13 +26,15 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
+
+from tasks.lineage import MD5_TAG, git_state, input_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
@@ -63,8 +65,16 @@ class Connection:
     """One pipeline execution's link to MLflow, shared by all its runs (and threads): the client,
     the runs still open, and the first tracking error, after which records are skipped."""
 
-    def __init__(self, client: MlflowClient | None, experiment_id: str):
+    def __init__(
+        self,
+        client: MlflowClient | None,
+        experiment_id: str,
+        root: Path = Path("."),
+        base_tags: dict[str, str] | None = None,
+    ):
         self.client, self.experiment_id = client, experiment_id
+        self.root = root  # the workspace: input paths are tagged relative to it
+        self.base_tags = base_tags or {}  # lineage every run carries: commit, orchestrator
         self.error: str | None = None
         self.open: dict[str, str] = {}  # run id -> name, for runs not ended yet
         self._lock = threading.Lock()
@@ -109,16 +119,31 @@ class Run:
     def __init__(self, connection: Connection, run_id: str | None, top_level: bool = False):
         self.connection, self.run_id, self.top_level = connection, run_id, top_level
 
-    def child(self, name: str, tags: dict[str, str] | None = None) -> Run:
-        """A new run nested under this one."""
-        created = self.connection.call(
-            "create_run", self.connection.experiment_id, run_name=name,
-            tags={PARENT_TAG: self.run_id, **(tags or {})},
+    def child(
+        self, name: str, tags: dict[str, str] | None = None, inputs: Sequence[Path] = ()
+    ) -> Run:
+        """A new run nested under this one; `inputs` (files it reads) are tagged with their DVC
+        hashes and logged as MLflow datasets with that hash as digest."""
+        if self.connection.client is None:
+            return Run(self.connection, None)
+        connection = self.connection
+        lineage = input_tags(connection.root, list(inputs))
+        created = connection.call(
+            "create_run", connection.experiment_id, run_name=name,
+            tags={PARENT_TAG: self.run_id, **connection.base_tags, **lineage, **(tags or {})},
         )  # fmt: skip
         if created is None:
-            return Run(self.connection, None)
-        self.connection.open[created.info.run_id] = name
-        return Run(self.connection, created.info.run_id)
+            return Run(connection, None)
+        run_id = created.info.run_id
+        connection.open[run_id] = name
+        if lineage:
+            datasets = [
+                DatasetInput(Dataset(name=key.removeprefix(MD5_TAG), digest=digest,
+                                     source_type="dvc", source=key.removeprefix(MD5_TAG)))
+                for key, digest in lineage.items()
+            ]  # fmt: skip
+            connection.call("log_inputs", run_id, datasets=datasets)
+        return Run(connection, run_id)
 
     def log(
         self,
@@ -206,7 +231,7 @@ def check_tracking(uri: str) -> None:
             raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is not writable")
 
 
-def _connect(experiment: str) -> Connection:
+def _connect(experiment: str, orchestrator: str, execution: str | None, root: Path) -> Connection:
     uri = tracking_uri()
     check_tracking(uri)
     client = MlflowClient(uri)
@@ -215,20 +240,22 @@ def _connect(experiment: str) -> Connection:
         exp_id = found.experiment_id if found else client.create_experiment(experiment)
     except Exception as err:  # the store answered, but not as a store should
         raise TrackingError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from err
-    return Connection(client, exp_id)
+    base_tags = {**git_state(root), "orchestrator": orchestrator}
+    if orchestrator == "prefect" and execution:
+        base_tags["prefect.flow_run_id"] = execution
+    return Connection(client, exp_id, root, base_tags)
 
 
-def start_pipeline_run(experiment: str, orchestrator: str, execution: str | None = None) -> Run:
+def start_pipeline_run(
+    experiment: str, orchestrator: str, execution: str | None = None, root: Path = Path(".")
+) -> Run:
     """Create the parent run of one pipeline execution (after checking the store)."""
-    connection = _connect(experiment)
+    connection = _connect(experiment, orchestrator, execution, root)
     return _create_parent(connection, orchestrator, execution)
 
 
 def _create_parent(connection: Connection, orchestrator: str, execution: str | None) -> Run:
-    tags = {
-        "orchestrator": orchestrator,
-        EXECUTION_TAG: execution or f"{orchestrator}-{_now_ms()}",
-    }
+    tags = {**connection.base_tags, EXECUTION_TAG: execution or f"{orchestrator}-{_now_ms()}"}
     name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({orchestrator})"
     run = connection.call("create_run", connection.experiment_id, run_name=name, tags=tags)
     if run is None:
@@ -259,7 +286,7 @@ def join_stage_parent(experiment: str) -> Run:
     execution = _dvc_execution()
     if execution is None:
         return start_pipeline_run(experiment, orchestrator="cli")
-    connection = _connect(experiment)
+    connection = _connect(experiment, "dvc", execution, Path("."))
     found = connection.call(
         "search_runs", [connection.experiment_id],
         filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1,

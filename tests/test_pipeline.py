@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from tasks.params import load_params
@@ -100,3 +103,44 @@ def test_unknown_key_is_refused_and_outputs_are_untouched(runs, command) -> None
     assert result.returncode == 2
     assert result.stderr.strip() == "error: params.yaml: finetune.sedds: unknown key"
     assert digest(workspace) == before
+
+
+@pytest.mark.parametrize("orchestrator", ["prefect", "dvc"])
+def test_every_run_carries_its_lineage(runs, orchestrator) -> None:
+    workspace = runs[orchestrator]
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
+    experiment = client.get_experiment_by_name(load_params(workspace / "params.yaml").experiment)
+    all_runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    checkpoint_md5 = hashlib.md5(
+        (workspace / "data/checkpoints/backbone.pt").read_bytes()
+    ).hexdigest()
+    for run in all_runs:
+        assert run.data.tags["git.commit"] == head and run.data.tags["git.dirty"] == "false"
+        assert run.data.tags["orchestrator"] == orchestrator
+        assert ("prefect.flow_run_id" in run.data.tags) == (orchestrator == "prefect")
+    cells = [r for r in all_runs if "kind" in r.data.tags]
+    for cell in cells:
+        assert cell.data.tags["dvc.md5.data/checkpoints/backbone.pt"] == checkpoint_md5
+        digests = {d.dataset.name: d.dataset.digest for d in cell.inputs.dataset_inputs}
+        assert digests["data/checkpoints/backbone.pt"] == checkpoint_md5
+        assert f"data/features/{cell.data.tags['target']}/train.npz" in digests
+
+
+def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
+    workspace = runs["dvc"]
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(load_params(workspace / "params.yaml").experiment)
+    cell = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'transfer'",
+                              max_results=1)[0]  # fmt: skip
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    locked = next(o["md5"] for o in lock["stages"]["pretrain"]["outs"]
+                  if o["path"] == "data/checkpoints/backbone.pt")  # fmt: skip
+    result = run_command(["python", "-m", "flows.trace", cell.info.run_id], cwd=workspace,
+                         env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"data/checkpoints/backbone.pt  {locked}  = dvc.lock" in result.stdout
+    head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
+    assert f"git checkout {head}" in result.stdout
+    assert f"dvc repro finetune@{cell.data.tags['target']}" in result.stdout

@@ -1,0 +1,47 @@
+"""Scheduled runs: serve the pipeline flow as a Prefect deployment, against a Prefect server.
+
+    prefect server start --host 127.0.0.1 --port 4200          # once, in its own terminal
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    python -m flows.serve --cron "0 2 * * *"                  # serves until stopped
+
+`flow.serve` rather than a prefect.yaml with a work pool: the deployment runs where the
+workspace is (the DVC repo, its cache, the MLflow store), with no worker or image to manage; each
+run is a subprocess of this one. A global concurrency limit of 1 queues a run triggered while
+another is running instead of letting two write one workspace at once. Every run is versioned by
+DVC like a `dvc repro` (flows/versioning.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from flows.pipeline import pipeline
+from tasks.cli import USER_ERRORS, configure_logging, fail, params_parser
+from tasks.params import ParamsError, load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = params_parser("Serve the pipeline as a scheduled Prefect deployment.")
+    parser.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (default: flow.cron)")
+    parser.add_argument("--name", help="deployment name (default: flow.deployment)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    try:
+        params = load_params(args.params, args.overrides)  # refuse bad params before serving
+        if not os.environ.get("PREFECT_API_URL"):
+            raise ParamsError(
+                "schedules need a Prefect server: start one (`prefect server start`) and set "
+                "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
+            )
+    except USER_ERRORS as err:
+        fail(err)
+    pipeline.serve(
+        name=args.name or params.flow.deployment,
+        cron=args.cron or params.flow.cron,
+        parameters={"params_path": str(args.params), "overrides": args.overrides},
+        global_limit=1,  # one run at a time per workspace; later triggers wait their turn
+    )
+
+
+if __name__ == "__main__":
+    main()
