@@ -169,6 +169,7 @@ class FlowParams(_Frozen):
 
 class Params(_Frozen):
     experiment: str = "transfer-study"
+    registered_model: str = "transfer-study-backbone"
     runtime: RuntimeParams = RuntimeParams()
     source: DatasetSpec
     targets: dict[str, DatasetSpec]

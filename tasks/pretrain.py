@@ -14,7 +14,7 @@ from tasks.layout import Layout
 from tasks.lineage import input_tags
 from tasks.models import architecture, build_classifier, save_checkpoint
 from tasks.params import Params
-from tasks.tracking import Run
+from tasks.tracking import MODEL_ALIAS, Run
 from tasks.train import DeviceData, Resume, evaluate, fit
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,16 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
         files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
         layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
         # the checkpoint it wrote, by the hash that dvc.lock will hold for it
-        stage.log(metrics={"best/val_acc": summary["val_acc"]},
-                  tags=input_tags(layout.root, [layout.checkpoint]))  # fmt: skip
+        written = input_tags(layout.root, [layout.checkpoint])
+        stage.log(metrics={"best/val_acc": summary["val_acc"]}, tags=written)
+        version = stage.register_model(
+            model.cpu(), load_split(source, "val").x[:2], params.registered_model,
+            tags={**input_tags(layout.root, inputs), **written,
+                  "val_acc": f"{summary['val_acc']:.6f}"},
+        )  # fmt: skip
+        if version is not None:
+            log.info("registered %s version %s (alias %s)", params.registered_model, version,
+                     MODEL_ALIAS)  # fmt: skip
     log.info(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
     )

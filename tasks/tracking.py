@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import urllib.error
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 
@@ -39,6 +41,7 @@ from tasks.lineage import MD5_TAG, git_state, input_tags
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
+MODEL_ALIAS = "current"  # the newest registered backbone ("latest" is reserved by MLflow)
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request (params: 100)
 # MLflow retries a failed HTTP request 7 times with a growing backoff (minutes in all); a dead
 # server should cost seconds. Set these variables yourself to choose otherwise.
@@ -87,13 +90,17 @@ class Connection:
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except Exception as err:  # MLflow raises many kinds (HTTP, SQL, OS): all mean "lost"
-            with self._lock:
-                if self.error is None:
-                    self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                    log.error("MLflow tracking at %s failed, records from now on are skipped "
-                              "(results are still written to files): %s",
-                              tracking_uri(), self.error)  # fmt: skip
+            self.fail(err)
             return None
+
+    def fail(self, err: Exception) -> None:
+        """Keep the first tracking error; every later record is skipped."""
+        with self._lock:
+            if self.error is None:
+                self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                log.error("MLflow tracking at %s failed, records from now on are skipped "
+                          "(results are still written to files): %s",
+                          tracking_uri(), self.error)  # fmt: skip
 
     def end_open_runs(self, status: str) -> None:
         """End every run still open (in any thread) with `status`: KILLED or FAILED."""
@@ -182,6 +189,40 @@ class Run:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.run_id is not None:
             self.connection.call("log_artifact", self.run_id, str(path), artifact_path)
+
+    def register_model(
+        self, model: Any, example: Any, name: str, tags: dict[str, str]
+    ) -> str | None:
+        """Log `model` as an MLflow model (artifact `model/` of this run, exported with
+        `example`, a batch of inputs), register it as a new version of `name` with `tags`, and
+        point the alias `current` at it (MLflow reserves `latest`). Returns the version."""
+        connection = self.connection
+        if self.run_id is None or connection.error is not None:
+            return None
+        import mlflow.pytorch  # here only: importing it costs seconds
+
+        with tempfile.TemporaryDirectory() as folder:
+            saved = Path(folder) / "model"
+            # the exact torch only: inferring the requirements would scan the environment
+            requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+            try:
+                mlflow.pytorch.save_model(
+                    model, saved, input_example=example, pip_requirements=requirements
+                )
+            except Exception as err:  # a model MLflow cannot export is a tracking failure
+                connection.fail(err)
+                return None
+            connection.call("log_artifacts", self.run_id, str(saved), "model")
+        if not connection.call("search_registered_models", filter_string=f"name = '{name}'"):
+            connection.call("create_registered_model", name)
+        version = connection.call(
+            "create_model_version", name, f"runs:/{self.run_id}/model", run_id=self.run_id,
+            tags=tags,
+        )  # fmt: skip
+        if version is None:
+            return None
+        connection.call("set_registered_model_alias", name, MODEL_ALIAS, version.version)
+        return version.version
 
     def set_status(self, status: str) -> None:
         if self.run_id is None:

@@ -144,3 +144,22 @@ def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
     head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
     assert f"git checkout {head}" in result.stdout
     assert f"dvc repro finetune@{cell.data.tags['target']}" in result.stdout
+
+
+@pytest.mark.parametrize("orchestrator", ["prefect", "dvc"])
+def test_backbone_is_registered_with_alias_and_lineage(runs, orchestrator) -> None:
+    workspace = runs[orchestrator]
+    params = load_params(workspace / "params.yaml")
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    latest = client.get_model_version_by_alias(params.registered_model, "current")
+    pretrain = client.get_run(latest.run_id)
+    assert pretrain.info.run_name == "pretrain"
+    source_md5 = hashlib.md5(
+        (workspace / "data/prepared/source/train.npz").read_bytes()
+    ).hexdigest()
+    assert latest.tags["dvc.md5.data/prepared/source/train.npz"] == source_md5
+    assert float(latest.tags["val_acc"]) == pytest.approx(
+        pretrain.data.metrics["best/val_acc"], abs=1e-6
+    )
+    artifacts = {a.path for a in client.list_artifacts(latest.run_id, "model")}
+    assert "model/MLmodel" in artifacts
