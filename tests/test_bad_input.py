@@ -311,22 +311,27 @@ def latest_runs(count: int) -> list:
     return client.search_runs(experiments, order_by=["start_time DESC"], max_results=count)
 
 
-def test_ctrl_c_stops_pretraining_and_a_rerun_resumes_to_the_same_weights(
-    workspace: Path, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
+def test_stopped_pretraining_resumes_to_the_same_weights(
+    workspace: Path, tmp_path: Path, signum: int
 ) -> None:
+    """Ctrl-C, or kill -9 (no cleanup at all), then the same command again."""
     uninterrupted = tmp_path / "uninterrupted"
     shutil.copytree(workspace, uninterrupted, symlinks=True)
     command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
     assert run_command(command, cwd=uninterrupted).returncode == 0
 
-    process = interrupt_pretraining(workspace, signal.SIGINT)
-    assert process.returncode == 130
-    assert "interrupted: finished outputs and the last complete epoch are kept" in process.stderr
+    process = interrupt_pretraining(workspace, signum)
     state = workspace / "data/checkpoints/pretrain.resume.pt"
     assert state.exists()  # the last complete epoch
-    killed = latest_runs(2)
-    assert {r.info.run_name.split(" ")[0] for r in killed} == {"pretrain", "pipeline"}
-    assert {r.info.status for r in killed} == {"KILLED"}
+    if signum == signal.SIGINT:
+        assert process.returncode == 130
+        assert (
+            "interrupted: finished outputs and the last complete epoch are kept" in process.stderr
+        )
+        killed = latest_runs(2)
+        assert {r.info.run_name.split(" ")[0] for r in killed} == {"pretrain", "pipeline"}
+        assert {r.info.status for r in killed} == {"KILLED"}
 
     resumed = run_command(command, cwd=workspace)
     assert resumed.returncode == 0 and "resuming from the end of epoch" in resumed.stderr
