@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import pytest
 import yaml
@@ -163,3 +164,23 @@ def test_backbone_is_registered_with_alias_and_lineage(runs, orchestrator) -> No
     )
     artifacts = {a.path for a in client.list_artifacts(latest.run_id, "model")}
     assert "model/MLmodel" in artifacts
+
+
+def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:
+    """After one target's params change, the flow reruns that target (and prepare and compare),
+    skips the rest, and leaves DVC with nothing to do."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(runs["prefect"], workspace, symlinks=True)
+    params = workspace / "params.yaml"
+    params.write_text(params.read_text().replace("seed: 3}", "seed: 7}", 1))  # shifted's data
+    before = digest(workspace)
+    result = run_command(["python", "-m", "flows.pipeline"], cwd=workspace)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert ("stages run: prepare, extract@shifted, finetune@shifted, compare; "
+            "up to date: pretrain, extract@new_classes, finetune@new_classes") in result.stderr  # fmt: skip
+    after = digest(workspace)
+    unchanged = [p for p in before if "new_classes" in p or p.startswith("data/checkpoints")]
+    assert unchanged and all(after[p] == before[p] for p in unchanged)
+    assert after["data/results/shifted.csv"] != before["data/results/shifted.csv"]
+    status = run_command(["python", "-m", "dvc", "status"], cwd=workspace)
+    assert "Data and pipelines are up to date." in status.stdout
