@@ -16,6 +16,8 @@ from typing import NoReturn
 # Before Prefect is imported: route the stages' progress logs through Prefect (console and UI),
 # and keep the local server from phoning home (machines without network print an error).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+# ...and let the stage functions log quietly when called outside a flow (tests, notebooks).
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import psutil
