@@ -10,6 +10,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -25,6 +27,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
+from prefect.exceptions import TerminationSignal
+from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
 from flows.versioning import Versioning
@@ -54,6 +58,8 @@ from tasks.tracking import (
 from tasks.workspace import workspace_lock
 
 log = logging.getLogger("flows.pipeline")  # also when Prefect loads this file by path
+_FROM_COMMAND_LINE = False  # main() started this process: its signal handling applies
+_STOPPING, _LEAVING = threading.Event(), threading.Lock()
 
 # Prefect's own result cache stays off: DVC is the one judge of what is stale
 # (flows/versioning.py), and a second cache could disagree with it.
@@ -70,6 +76,10 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     """prepare -> pretrain -> (extract -> finetune) per target, in parallel -> compare; each
     stage only if DVC finds it stale, and recorded in DVC after it runs."""
     configure_logging()  # again here: a deployment's runs do not pass through main()
+    if _FROM_COMMAND_LINE:
+        # Prefect installs its own SIGTERM handler for the flow run (it would wait for running
+        # tasks, minutes); ours stops at once. Prefect restores its saved handler afterwards.
+        signal.signal(signal.SIGTERM, stop_now)
     params = load_params(params_path, overrides or [])
     layout = Layout()  # the working directory, as for `dvc repro`
     dvc = Versioning(layout.root, enabled=Path(params_path) == DEFAULT_PARAMS and not overrides)
@@ -94,16 +104,21 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             for t in params.targets
             if dvc.is_stale(f"extract@{t}")
         }
-        finetuning = {}
+        # A failed target does not stop the others: wait for every task, record each that
+        # finished (as `dvc repro` would have), then raise the first failure.
+        finetuning, failures = {}, []
         for target in params.targets:
             if target in extracting:
-                extracting[target].result()
+                if not _finished(extracting[target], failures):
+                    continue
                 dvc.record(f"extract@{target}")
             if dvc.is_stale(f"finetune@{target}"):  # asked once its features are on disk
                 finetuning[target] = finetune_.submit(params, target, layout, parent)
         for target, future in finetuning.items():
-            future.result()
-            dvc.record(f"finetune@{target}")
+            if _finished(future, failures):
+                dvc.record(f"finetune@{target}")
+        if failures:
+            raise failures[0]
         if dvc.is_stale("compare"):
             compare_(params, layout, parent)
             dvc.record("compare")
@@ -124,23 +139,52 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     return verdicts.to_markdown(index=False, disable_numparse=True)
 
 
-def stop_now(signum: int, frame: object) -> NoReturn:
-    """Ctrl-C or SIGTERM: stop within seconds. Prefect would let the running tasks finish first
-    (minutes), so end the open MLflow runs as KILLED, stop Prefect's local server and leave at
-    once. Finished outputs are complete files (writes are atomic); a rerun resumes."""
-    end_all_open_runs("KILLED")
-    for child in psutil.Process().children(recursive=True):
-        child.terminate()
+def _finished(future: PrefectFuture, failures: list[Exception]) -> bool:
+    """Wait for a task; True if it succeeded, else its exception is added to `failures`."""
     try:
-        interrupted(Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
-    except SystemExit as leaving:
-        sys.stderr.flush()
-        os._exit(leaving.code)
+        future.result()
+    except Exception as err:
+        failures.append(err)
+        return False
+    return True
+
+
+def stop_now(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: stop within seconds. Raise in the main thread, so that an MLflow call
+    it is in unwinds and releases its database lock; if the flow then waits for running tasks
+    (Prefect lets them finish: minutes), a watchdog ends the process after a short grace."""
+    if _STOPPING.is_set():
+        return
+    _STOPPING.set()
+    code = 128 + signum
+    threading.Thread(target=_leave_after, args=(code, 2.0), daemon=True).start()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _leave_after(code: int, grace: float) -> None:
+    time.sleep(grace)
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End the open MLflow runs as KILLED, stop Prefect's local server, say what was kept, and
+    exit at once (finished outputs are complete files: writes are atomic; a rerun resumes)."""
+    with _LEAVING:
+        end_all_open_runs("KILLED")
+        for child in psutil.Process().children(recursive=True):
+            child.terminate()
+        try:
+            interrupted(Terminated() if code == 128 + signal.SIGTERM else KeyboardInterrupt())
+        except SystemExit:
+            sys.stderr.flush()
+            os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = params_parser("Run the whole transfer study as a Prefect flow.")
     args = parser.parse_args(argv)
+    global _FROM_COMMAND_LINE
+    _FROM_COMMAND_LINE = True
     configure_logging()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop_now)
@@ -153,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             markdown = pipeline(str(args.params), args.overrides)
     except USER_ERRORS as err:
         fail(err)
+    except (KeyboardInterrupt, TerminationSignal) as err:  # the latter: Prefect's SIGTERM
+        leave(130 if type(err) is KeyboardInterrupt else 128 + signal.SIGTERM)
     print(f"\n{markdown}\n")
     print("Report:  reports/report.md (verdicts, learning curves, method); tables and plots in")
     print("         reports/{comparison,summary,verdicts}.csv, reports/plots/*.png")

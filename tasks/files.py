@@ -59,13 +59,19 @@ def check_writable(*directories: Path) -> None:
     before the expensive work rather than after it."""
     for directory in directories:
         try:
-            with atomic_path(directory / ".write-check") as tmp:
-                tmp.write_bytes(b"ok")
-            (directory / ".write-check").unlink()
+            directory.mkdir(parents=True, exist_ok=True)
+            # a unique name (parallel stages probe one folder) and one byte (an empty file
+            # needs no space, so it would pass on a full disk)
+            fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-check.")
+            try:
+                os.write(fd, b"x")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe)
         except OSError as err:
-            reason = err.__cause__ if isinstance(err.__cause__, OSError) else err
             raise OutputError(
-                f"{directory}: output folder is not writable ({reason.strerror or reason}); "
+                f"{directory}: output folder is not writable ({err.strerror or err}); "
                 "nothing was changed"
             ) from err
 

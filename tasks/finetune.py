@@ -31,7 +31,8 @@ from tasks.train import DeviceData, FitResult, evaluate, fit
 
 log = logging.getLogger(__name__)
 # The modules whose code decides a grid cell's result (part of the resume fingerprint).
-CODE = ["finetune.py", "train.py", "probe.py", "models.py", "subsets.py"]
+CODE = ["finetune.py", "train.py", "probe.py", "models.py", "subsets.py", "runtime.py",
+        "datasets.py"]  # fmt: skip
 
 RESULT_COLUMNS = [
     "target", "strategy", "fraction", "seed", "n_labels", "lr", "l2",

@@ -19,7 +19,10 @@ from tasks.train import DeviceData, Resume, evaluate, fit
 
 log = logging.getLogger(__name__)
 # The modules whose code decides the pretrained weights (part of the resume fingerprint).
-CODE = [Path(__file__).with_name(name) for name in ("pretrain.py", "train.py", "models.py")]
+CODE = [
+    Path(__file__).with_name(name)
+    for name in ("pretrain.py", "train.py", "models.py", "runtime.py", "datasets.py")
+]
 
 
 def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:

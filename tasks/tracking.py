@@ -241,7 +241,9 @@ class Run:
         if exc_type is None:
             self.set_status("FINISHED")
             return
-        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt | SystemExit) else "FAILED"
+        # an error fails a run; a signal (KeyboardInterrupt, SystemExit, Prefect's own
+        # termination signals: none of them an Exception) kills it
+        status = "FAILED" if issubclass(exc_type, Exception) else "KILLED"
         self.set_status(status)
         if self.top_level:
             self.connection.end_open_runs(status)  # what other threads left open, too

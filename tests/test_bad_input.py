@@ -361,13 +361,16 @@ def test_finetune_killed_hard_redoes_only_unfinished_cells(workspace: Path) -> N
     assert (workspace / "data/results/new_classes.csv").read_bytes() == expected
 
 
-def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(workspace: Path) -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(
+    workspace: Path, signum: int, code: int
+) -> None:
     process = start([sys.executable, "-m", "flows.pipeline", *LONG_PRETRAIN], workspace)
     wait_for(workspace / "data/checkpoints/pretrain.resume.pt", timeout=120)
     sent = time.monotonic()
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     process.communicate(timeout=30)
-    assert process.returncode == 130 and time.monotonic() - sent < 5
+    assert process.returncode == code and time.monotonic() - sent < 5
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               filter_string="tags.orchestrator = 'prefect'", max_results=500)  # fmt: skip
