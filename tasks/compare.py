@@ -22,6 +22,7 @@ from tasks.datasets import load_meta, load_split
 from tasks.layout import Layout
 from tasks.params import Params
 from tasks.statistics import (
+    Multiplier,
     area_under_curve,
     effective_data_multiplier,
     relative_error_reduction,
@@ -114,7 +115,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _multiplier_text(row: pd.Series) -> str:
-    return f"{row.data_multiplier_censored}{row.data_multiplier:.3g}x"
+    return str(Multiplier(row.data_multiplier, row.data_multiplier_censored))
 
 
 def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,10 @@ def digest(root: Path) -> dict[str, str]:
         for p in sorted((root / folder).rglob("*"))
         if p.is_file() and p.name != ".gitignore"
     }
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now, for a server a test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

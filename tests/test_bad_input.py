@@ -19,7 +19,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from tests.helpers import digest, run_command
+from tests.helpers import digest, free_port, run_command
 
 pytestmark = pytest.mark.slow
 FLOW = ["python", "-m", "flows.pipeline"]
@@ -184,14 +184,6 @@ def test_unreachable_tracking_server_fails_fast_and_by_name(workspace: Path) -> 
     assert result.returncode == 1 and time.monotonic() - started < 20
     assert one_line_error(result).startswith(f"error: MLflow tracking server {uri} is unreachable")
     assert digest(workspace) == before
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path: Path) -> None:

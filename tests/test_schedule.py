@@ -18,18 +18,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.helpers import make_workspace, run_command
+from tests.helpers import free_port, make_workspace, run_command
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "transfer-study/transfer-study"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until(check, timeout: float, what: str):
