@@ -2,6 +2,7 @@
 targets and one MLflow parent run per execution.
 
     python -m flows.pipeline [--params params.yaml] [--set finetune.seeds=[0,1,2]]
+                             [--task-runner dask [--workers 2 | --dask-address tcp://host:8786]]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
 from prefect.tasks import exponential_backoff
 
+from flows.runners import task_runner
 from flows.versioning import Versioning
 from tasks.cli import (
     USER_ERRORS,
@@ -43,7 +45,7 @@ from tasks.cli import (
 )
 from tasks.compare import compare
 from tasks.extract import extract
-from tasks.finetune import finetune
+from tasks.finetune import TargetGrid, train_group
 from tasks.layout import Layout
 from tasks.params import DEFAULT_PARAMS, load_params
 from tasks.prepare import prepare
@@ -67,14 +69,16 @@ _stage = task(cache_policy=NO_CACHE, persist_result=False)
 prepare_task = _stage(prepare, name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain")
 extract_task = _stage(extract, name="extract", task_run_name="extract-{target}")
-finetune_task = _stage(finetune, name="finetune", task_run_name="finetune-{target}")
+train_group_task = _stage(
+    train_group, name="finetune", task_run_name="{data.name}/{group.strategy}/f{group.fraction}"
+)
 compare_task = _stage(compare, name="compare")
 
 
 @flow(name="transfer-study")
 def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
-    """prepare -> pretrain -> (extract -> finetune) per target, in parallel -> compare; each
-    stage only if DVC finds it stale, and recorded in DVC after it runs."""
+    """prepare -> pretrain -> (extract -> finetune groups in parallel) per target -> compare;
+    each stage only if DVC finds it stale, and recorded in DVC after it runs."""
     configure_logging()  # again here: a deployment's runs do not pass through main()
     if _FROM_COMMAND_LINE:
         # Prefect installs its own SIGTERM handler for the flow run (it would wait for running
@@ -82,12 +86,14 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         signal.signal(signal.SIGTERM, stop_now)
     params = load_params(params_path, overrides or [])
     layout = Layout()  # the working directory, as for `dvc repro`
-    dvc = Versioning(layout.root, enabled=Path(params_path) == DEFAULT_PARAMS and not overrides)
+    # flow.* overrides change where the work runs, never its results: DVC still judges such a run
+    versioned = all(o.startswith("flow.") for o in overrides or [])
+    dvc = Versioning(layout.root, enabled=Path(params_path) == DEFAULT_PARAMS and versioned)
     backoff = exponential_backoff(params.flow.retry_delay_seconds)  # 1x, 2x, 4x ... the delay
     retry = {"retries": params.flow.retries, "retry_delay_seconds": backoff}
-    prepare_, pretrain_, extract_, finetune_, compare_ = (
+    prepare_, pretrain_, extract_, train_group_, compare_ = (
         t.with_options(**retry)
-        for t in (prepare_task, pretrain_task, extract_task, finetune_task, compare_task)
+        for t in (prepare_task, pretrain_task, extract_task, train_group_task, compare_task)
     )
     flow_run_id = str(get_run_context().flow_run.id)
     with (
@@ -98,25 +104,31 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             if dvc.is_stale(name):
                 stage(params, layout, parent)
                 dvc.record(name)
-        # the fan-out: targets in parallel threads; DVC is asked and told from this thread only
-        extracting = {
-            t: extract_.submit(params, t, layout, parent)
-            for t in params.targets
-            if dvc.is_stale(f"extract@{t}")
-        }
-        # A failed target does not stop the others: wait for every task, record each that
-        # finished (as `dvc repro` would have), then raise the first failure.
-        finetuning, failures = {}, []
+        # The fan-out: each target's features are extracted here, then its fine-tuning groups go
+        # to the task runner (threads, or Dask workers) while the next target is extracted. The
+        # flow keeps every file write, MLflow record and DVC call; workers get arrays only.
+        # A failed target does not stop the others: each that finishes is recorded (as
+        # `dvc repro` would have), then the first failure is raised.
+        grids, failures = {}, []
         for target in params.targets:
-            if target in extracting:
-                if not _finished(extracting[target], failures):
-                    continue
-                dvc.record(f"extract@{target}")
-            if dvc.is_stale(f"finetune@{target}"):  # asked once its features are on disk
-                finetuning[target] = finetune_.submit(params, target, layout, parent)
-        for target, future in finetuning.items():
-            if _finished(future, failures):
+            try:
+                if dvc.is_stale(f"extract@{target}"):
+                    extract_(params, target, layout, parent)
+                    dvc.record(f"extract@{target}")
+                if dvc.is_stale(f"finetune@{target}"):  # asked once its features are on disk
+                    grid = TargetGrid(params, target, layout)
+                    groups = [train_group_.submit(grid.data, params, g) for g in grid.groups]
+                    grids[target] = (grid, grid.stage_run(parent), groups)
+            except Exception as err:
+                failures.append(err)
+        for target, (grid, stage, groups) in grids.items():
+            try:
+                with stage:
+                    _collect(grid, groups)
+                    grid.finish(stage)
                 dvc.record(f"finetune@{target}")
+            except Exception as err:
+                failures.append(err)
         if failures:
             raise failures[0]
         if dvc.is_stale("compare"):
@@ -139,14 +151,17 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     return verdicts.to_markdown(index=False, disable_numparse=True)
 
 
-def _finished(future: PrefectFuture, failures: list[Exception]) -> bool:
-    """Wait for a task; True if it succeeded, else its exception is added to `failures`."""
-    try:
-        future.result()
-    except Exception as err:
-        failures.append(err)
-        return False
-    return True
+def _collect(grid: TargetGrid, groups: list[PrefectFuture]) -> None:
+    """Keep every group that finished (a rerun then redoes only the others), then raise the
+    first failure, if any."""
+    failure = None
+    for future in groups:
+        try:
+            grid.add(future.result())
+        except Exception as err:
+            failure = failure or err
+    if failure is not None:
+        raise failure
 
 
 def stop_now(signum: int, frame: object) -> None:
@@ -182,7 +197,21 @@ def leave(code: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     parser = params_parser("Run the whole transfer study as a Prefect flow.")
+    parser.add_argument(
+        "--task-runner",
+        choices=["threads", "dask"],
+        help="where fine-tuning groups run (default: flow.task_runner)",
+    )
+    parser.add_argument("--workers", type=int, help="parallel groups (default: flow.workers)")
+    parser.add_argument(
+        "--dask-address",
+        help="a Dask scheduler, e.g. tcp://host:8786 "
+        "(default: flow.dask_address; none: a LocalCluster of --workers)",
+    )
     args = parser.parse_args(argv)
+    for key in ("task_runner", "workers", "dask_address"):  # the flags are flow.* overrides
+        if getattr(args, key) is not None:
+            args.overrides.append(f"flow.{key}={getattr(args, key)}")
     global _FROM_COMMAND_LINE
     _FROM_COMMAND_LINE = True
     configure_logging()
@@ -191,10 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Refuse bad params, an unreachable tracking store or a busy workspace before Prefect
         # starts and before any work.
-        load_params(args.params, args.overrides)
+        params = load_params(args.params, args.overrides)
+        runner = task_runner(params.flow)
         check_tracking(tracking_uri())
         with workspace_lock():
-            markdown = pipeline(str(args.params), args.overrides)
+            flow = pipeline.with_options(task_runner=runner)
+            markdown = flow(str(args.params), args.overrides)
     except USER_ERRORS as err:
         fail(err)
     except (KeyboardInterrupt, TerminationSignal) as err:  # the latter: Prefect's SIGTERM
@@ -209,4 +240,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's copy, not this `__main__` one: a Dask worker receives the
+    # flow's context by pickle, which names `flows.pipeline` functions by reference, but would
+    # copy `__main__` ones by value, with the locks their globals hold (unpicklable).
+    from flows.pipeline import main as importable_main
+
+    importable_main()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 from flows.pipeline import pipeline
+from flows.runners import task_runner
 from tasks.cli import USER_ERRORS, configure_logging, fail, params_parser
 from tasks.params import ParamsError, load_params
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     try:
         params = load_params(args.params, args.overrides)  # refuse bad params before serving
+        runner = task_runner(params.flow)  # and a runner that cannot be built
         if not os.environ.get("PREFECT_API_URL"):
             raise ParamsError(
                 "schedules need a Prefect server: start one (`prefect server start`) and set "
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     except USER_ERRORS as err:
         fail(err)
-    pipeline.serve(
+    pipeline.with_options(task_runner=runner).serve(
         name=args.name or params.flow.deployment,
         cron=args.cron or params.flow.cron,
         parameters={"params_path": str(args.params), "overrides": args.overrides},

@@ -7,7 +7,8 @@ own thread, one at a time: DVC's repo lock does not allow two at once. When a DV
 as the repo's default (`dvc remote add -d ...`), a run ends with `dvc push`.
 
 The flow is versioned only when it runs what params.yaml says (DVC reads that file): with another
-params file or overrides, every stage runs and nothing is recorded in DVC.
+params file or overrides (other than flow.*, which change where work runs, not its results),
+every stage runs and nothing is recorded in DVC.
 """
 
 from __future__ import annotations

@@ -123,6 +123,9 @@ class TrainParams(_Frozen):
 class PretrainParams(TrainParams):
     lr: PositiveFloat = 3e-3
     seed: Seed = 0
+    # > 1: the stage runs itself under torchrun as this many data-parallel processes
+    # (tasks/distributed.py); batch_size stays the global batch, split over them
+    processes: PositiveInt = 1
 
 
 class ExtractParams(_Frozen):
@@ -165,6 +168,11 @@ class FlowParams(_Frozen):
     retry_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
     deployment: str = "transfer-study"
     cron: str | None = None
+    # where the fine-tuning groups run (flows/runners.py): threads of the flow's process, or
+    # Dask workers (an existing cluster at dask_address, else a LocalCluster of `workers`)
+    task_runner: Literal["threads", "dask"] = "threads"
+    workers: PositiveInt = 2
+    dask_address: str | None = None
 
 
 class Params(_Frozen):

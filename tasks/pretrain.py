@@ -7,29 +7,46 @@ from pathlib import Path
 
 import torch
 
-from tasks import files, runtime
-from tasks.cli import run_stage
+from tasks import distributed, files
+from tasks.cli import fail, run_stage
 from tasks.datasets import load_meta, load_split
 from tasks.layout import Layout
 from tasks.lineage import input_tags
-from tasks.models import architecture, build_classifier, save_checkpoint
+from tasks.models import Classifier, architecture, build_classifier, save_checkpoint
 from tasks.params import Params
 from tasks.tracking import MODEL_ALIAS, Run
-from tasks.train import DeviceData, Resume, evaluate, fit
+from tasks.train import DeviceData, Resume, Shard, evaluate, fit
 
 log = logging.getLogger(__name__)
 # The modules whose code decides the pretrained weights (part of the resume fingerprint).
 CODE = [
     Path(__file__).with_name(name)
-    for name in ("pretrain.py", "train.py", "models.py", "runtime.py", "datasets.py")
-]
+    for name in ("pretrain.py", "train.py", "models.py", "runtime.py", "datasets.py",
+                 "distributed.py")
+]  # fmt: skip
 
 
 def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
-    """Train on source train/val; write the self-describing checkpoint and its metrics."""
+    """Train on source train/val; write the self-describing checkpoint and its metrics.
+
+    With `pretrain.processes` > 1, the stage runs itself again under torchrun as that many
+    data-parallel processes (tasks/distributed.py) and returns the summary they wrote.
+    """
+    if params.pretrain.processes > 1 and not distributed.is_worker():
+        files.check_writable(layout.checkpoint.parent)  # before any process starts
+        return distributed.launch(params, layout, run)
+    with distributed.ranks(params) as (device, shard):
+        return _pretrain(params, layout, run, device, shard)
+
+
+def _pretrain(
+    params: Params, layout: Layout, run: Run, device: torch.device, shard: Shard
+) -> dict[str, float]:
+    """This process's pretraining: all of it, or one rank's share; rank 0 writes and records
+    (the other ranks are handed a run that records nothing)."""
     cfg = params.pretrain
-    files.check_writable(layout.checkpoint.parent)
-    device = runtime.configure(params.runtime)
+    if shard.rank == 0:
+        files.check_writable(layout.checkpoint.parent)
     source = layout.prepared("source")
     meta = load_meta(source)
     train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
@@ -56,6 +73,7 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             seed=cfg.seed,
             on_epoch=on_epoch,
             resume=resume,
+            shard=shard,
         )
         summary = {
             "val_acc": result.best_val_acc,
@@ -63,30 +81,45 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
         }
-        save_checkpoint(
-            layout.checkpoint,
-            model,
-            params={"model": params.model.model_dump(), "pretrain": cfg.model_dump()},
-            source_meta=meta,
-            metrics=summary,
-        )
-        files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
-        layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
-        # the checkpoint it wrote, by the hash that dvc.lock will hold for it
-        written = input_tags(layout.root, [layout.checkpoint])
-        stage.log(metrics={"best/val_acc": summary["val_acc"]}, tags=written)
-        version = stage.register_model(
-            model.cpu(), load_split(source, "val").x[:2], params.registered_model,
-            tags={**input_tags(layout.root, inputs), **written,
-                  "val_acc": f"{summary['val_acc']:.6f}"},
-        )  # fmt: skip
-        if version is not None:
-            log.info("registered %s version %s (alias %s)", params.registered_model, version,
-                     MODEL_ALIAS)  # fmt: skip
+        if shard.rank == 0:
+            _write(params, layout, model, meta, summary, stage, inputs)
     log.info(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
     )
     return summary
+
+
+def _write(
+    params: Params,
+    layout: Layout,
+    model: Classifier,
+    meta: dict,
+    summary: dict[str, float],
+    stage: Run,
+    inputs: list[Path],
+) -> None:
+    """Rank 0's part: write the checkpoint and its metrics (`inputs`: the source files read),
+    record it in MLflow and register it."""
+    save_checkpoint(
+        layout.checkpoint,
+        model,
+        params={"model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()},
+        source_meta=meta,
+        metrics=summary,
+    )
+    files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
+    layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
+    # the checkpoint it wrote, by the hash that dvc.lock will hold for it
+    written = input_tags(layout.root, [layout.checkpoint])
+    stage.log(metrics={"best/val_acc": summary["val_acc"]}, tags=written)
+    version = stage.register_model(
+        model.cpu(), load_split(layout.prepared("source"), "val").x[:2], params.registered_model,
+        tags={**input_tags(layout.root, inputs), **written,
+              "val_acc": f"{summary['val_acc']:.6f}"},
+    )  # fmt: skip
+    if version is not None:
+        log.info("registered %s version %s (alias %s)", params.registered_model, version,
+                 MODEL_ALIAS)  # fmt: skip
 
 
 def _fingerprint(params: Params, source: Path) -> str:
@@ -104,7 +137,13 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, pretrain, argv)
+    if distributed.is_worker():  # one rank, under torchrun
+        distributed.worker_main(__doc__, pretrain, argv)
+        return
+    try:
+        run_stage(__doc__, pretrain, argv)
+    except distributed.LaunchError as err:  # the ranks printed their errors
+        fail(err)
 
 
 if __name__ == "__main__":

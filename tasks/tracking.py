@@ -35,6 +35,8 @@ import psutil
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from tasks.lineage import MD5_TAG, git_state, input_tags
 
@@ -83,14 +85,17 @@ class Connection:
         self._lock = threading.Lock()
         _CONNECTIONS.add(self)
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call an MlflowClient method; None without a client or after the first failure."""
+    def call(self, method: str, *args: Any, exists_ok: bool = False, **kwargs: Any) -> Any:
+        """Call an MlflowClient method; None without a client or after the first failure.
+        With `exists_ok`, a create that finds its object already there (another execution on
+        a shared server made it since we looked) is not a failure."""
         if self.client is None or self.error is not None:
             return None
         try:
             return getattr(self.client, method)(*args, **kwargs)
         except Exception as err:  # MLflow raises many kinds (HTTP, SQL, OS): all mean "lost"
-            self.fail(err)
+            if not (exists_ok and _already_exists(err)):
+                self.fail(err)
             return None
 
     def fail(self, err: Exception) -> None:
@@ -214,7 +219,7 @@ class Run:
                 return None
             connection.call("log_artifacts", self.run_id, str(saved), "model")
         if not connection.call("search_registered_models", filter_string=f"name = '{name}'"):
-            connection.call("create_registered_model", name)
+            connection.call("create_registered_model", name, exists_ok=True)
         version = connection.call(
             "create_model_version", name, f"runs:/{self.run_id}/model", run_id=self.run_id,
             tags=tags,
@@ -274,13 +279,32 @@ def check_tracking(uri: str) -> None:
             raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is not writable")
 
 
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, creating the experiment if it does not exist yet."""
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as err:
+        # On a shared server, another execution may have created it since we looked.
+        if not _already_exists(err):
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def _already_exists(err: Exception) -> bool:
+    return isinstance(err, MlflowException) and err.error_code == ErrorCode.Name(
+        RESOURCE_ALREADY_EXISTS
+    )
+
+
 def _connect(experiment: str, orchestrator: str, execution: str | None, root: Path) -> Connection:
     uri = tracking_uri()
     check_tracking(uri)
     client = MlflowClient(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        exp_id = _experiment_id(client, experiment)
     except Exception as err:  # the store answered, but not as a store should
         raise TrackingError(f"MLflow tracking store {uri}: {str(err).splitlines()[0]}") from err
     base_tags = {**git_state(root), "orchestrator": orchestrator}

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from tasks import files
 from tasks.datasets import Labelled
@@ -51,7 +53,7 @@ class FitResult:
         return (self.best_val_acc, -self.best_val_loss)
 
 
-def _autocast(device: torch.device) -> torch.autocast:
+def autocast(device: torch.device) -> torch.autocast:
     # bf16 autocast where it pays (CUDA); a no-op elsewhere so CPU results stay exact.
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -64,12 +66,61 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, f
     correct = torch.zeros((), device=data.y.device, dtype=torch.int64)
     for start in range(0, len(data), batch_size):
         x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-        with _autocast(x.device):
+        with autocast(x.device):
             logits = model(x).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     loss, acc = (torch.stack([loss_sum, correct.float()]) / len(data)).tolist()
     return {"loss": loss, "acc": acc}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's part of data-parallel training (torchrun, tasks/distributed.py): rank
+    `rank` of `world` processes. Every rank draws the same epoch order and takes every
+    `world`-th example of each batch (what DistributedSampler does to the epoch, without its
+    padding, which would repeat examples), so a step sees the single-process batch, split over
+    the ranks. The default is the whole batch in this one process."""
+
+    rank: int = 0
+    world: int = 1
+
+    def take(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B,) indices of the global batch -> this rank's (about B / world,) share."""
+        return batch[self.rank :: self.world]
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train through: DDP averages the ranks' gradients during backward()."""
+        return DistributedDataParallel(model) if self.world > 1 else model
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's term of the mean cross-entropy over a global batch of `batch_size`.
+
+        logits: (b, K), y: (b,), this rank's share. DDP divides the sum of the ranks' gradients
+        by `world`, so each rank scales its sum by world / batch_size: the result is exactly the
+        single-process gradient, for an uneven last batch too (where per-rank means would
+        weight the examples of the smaller share more).
+        """
+        if self.world == 1:
+            return F.cross_entropy(logits, y)  # the mean, as it was before sharding existed
+        return F.cross_entropy(logits, y, reduction="sum") * (self.world / batch_size)
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a (per-rank) tensor, in place."""
+        if self.world > 1:
+            dist.all_reduce(value)
+        return value
+
+    def agree(self, scores: dict[str, float], device: torch.device) -> dict[str, float]:
+        """Rank 0's validation scores, on every rank. The ranks hold the same weights, so they
+        should compute the same scores; taking rank 0's makes sure that all of them take the
+        same early-stopping decision (a rank that stopped alone would leave the others waiting
+        for its gradients forever)."""
+        if self.world == 1:
+            return scores
+        values = torch.tensor(list(scores.values()), dtype=torch.float64, device=device)
+        dist.broadcast(values, src=0)
+        return dict(zip(scores, values.tolist(), strict=True))
 
 
 @dataclass(frozen=True)
@@ -89,6 +140,7 @@ def fit(
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume: Resume | None = None,
+    shard: Shard = Shard(),
 ) -> FitResult:
     """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs, and
     keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last.
@@ -96,6 +148,9 @@ def fit(
     With `resume`, the full state (weights, optimizer, data-order RNG, best epoch, history) is
     written atomically after every epoch, and a rerun continues from the last complete epoch,
     ending with the same weights as an uninterrupted run.
+
+    With a `shard` of several ranks, this process trains on its share of each batch and the
+    ranks' gradients are averaged; every rank reads a saved state, only rank 0 writes it.
     """
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
@@ -110,24 +165,27 @@ def fit(
         best_score, best_epoch = tuple(saved["best_score"]), saved["best_epoch"]
         best_state, history = saved["best_state"], saved["history"]
         log.info("resuming from the end of epoch %d (%s)", len(history) - 1, resume.path)
+    trained = shard.wrap(model)  # `model` itself in one process; shares its parameters
     for epoch in range(len(history), cfg.max_epochs):
         if val is not None and epoch - 1 - best_epoch >= cfg.patience:
             break  # early stopping: no better validation score for `patience` epochs
-        model.train()
-        order = torch.randperm(len(train), generator=order_rng).to(device)
-        loss_sum = torch.zeros((), device=device)
+        trained.train()
+        order = torch.randperm(len(train), generator=order_rng).to(device)  # same on all ranks
+        loss_sum = torch.zeros((), device=device)  # of this rank's examples
         for start in range(0, len(train), cfg.batch_size):
-            index = order[start : start + cfg.batch_size]
-            with _autocast(device):
-                loss = F.cross_entropy(model(train.x[index]).float(), train.y[index])
+            batch = order[start : start + cfg.batch_size]
+            index = shard.take(batch)
+            with autocast(device):
+                logits = trained(train.x[index]).float()
+            loss = shard.loss(logits, train.y[index], len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * len(index)
+            loss_sum += loss.detach() * (len(batch) / shard.world)
 
-        metrics = {"train/loss": loss_sum.item() / len(train)}
+        metrics = {"train/loss": shard.total(loss_sum).item() / len(train)}
         if val is not None:
-            scores = evaluate(model, val, max(cfg.batch_size, 1024))
+            scores = shard.agree(evaluate(model, val, max(cfg.batch_size, 1024)), device)
             metrics |= {"val/loss": scores["loss"], "val/acc": scores["acc"]}
             if (scores["acc"], -scores["loss"]) > best_score:
                 best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
@@ -135,7 +193,7 @@ def fit(
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if resume is not None:
+        if resume is not None and shard.rank == 0:
             files.torch_save(resume.path, {
                 "fingerprint": resume.fingerprint, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "order_rng": order_rng.get_state(),
