@@ -29,10 +29,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.exceptions import TerminationSignal
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
-from flows.runners import task_runner
+from flows.runners import share_api_with_local_workers, task_runner
 from flows.versioning import Versioning
 from tasks.cli import (
     USER_ERRORS,
@@ -52,6 +52,7 @@ from tasks.prepare import prepare
 from tasks.pretrain import pretrain
 from tasks.report import read_verdicts, verdict_table
 from tasks.tracking import (
+    Run,
     check_tracking,
     end_all_open_runs,
     start_pipeline_run,
@@ -109,6 +110,8 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
         # flow keeps every file write, MLflow record and DVC call; workers get arrays only.
         # A failed target does not stop the others: each that finishes is recorded (as
         # `dvc repro` would have), then the first failure is raised.
+        if params.flow.task_runner == "dask" and not params.flow.dask_address:
+            share_api_with_local_workers()
         grids, failures = {}, []
         for target in params.targets:
             try:
@@ -121,14 +124,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                     grids[target] = (grid, grid.stage_run(parent), groups)
             except Exception as err:
                 failures.append(err)
-        for target, (grid, stage, groups) in grids.items():
-            try:
-                with stage:
-                    _collect(grid, groups)
-                    grid.finish(stage)
-                dvc.record(f"finetune@{target}")
-            except Exception as err:
-                failures.append(err)
+        failures += _collect(grids, dvc)
         if failures:
             raise failures[0]
         if dvc.is_stale("compare"):
@@ -151,17 +147,40 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     return verdicts.to_markdown(index=False, disable_numparse=True)
 
 
-def _collect(grid: TargetGrid, groups: list[PrefectFuture]) -> None:
-    """Keep every group that finished (a rerun then redoes only the others), then raise the
-    first failure, if any."""
-    failure = None
-    for future in groups:
+Fanout = dict[str, tuple[TargetGrid, Run, list[PrefectFuture]]]  # target -> grid, stage, groups
+
+
+def _collect(fanout: Fanout, dvc: Versioning) -> list[Exception]:
+    """Keep each group's cells as soon as it finishes, whatever its target (in the progress file:
+    a rerun redoes only the others), and finish a target once its last group is back: its MLflow
+    records, results file and DVC entry. Returns each failed target's first error."""
+    owner = {future: target for target, (_, _, groups) in fanout.items() for future in groups}
+    left = {target: len(groups) for target, (_, _, groups) in fanout.items()}
+    errors: dict[str, Exception] = {}
+
+    def finish(target: str) -> None:
+        grid, stage, _ = fanout[target]
         try:
-            grid.add(future.result())
+            with stage:  # FAILED if a group failed
+                if target in errors:
+                    raise errors[target]
+                grid.finish(stage)
+            dvc.record(f"finetune@{target}")
         except Exception as err:
-            failure = failure or err
-    if failure is not None:
-        raise failure
+            errors.setdefault(target, err)
+
+    for target in [t for t, n in left.items() if n == 0]:  # every group done before a restart
+        finish(target)
+    for future in as_completed(list(owner)):
+        target = owner[future]
+        try:
+            fanout[target][0].add(future.result())
+        except Exception as err:
+            errors.setdefault(target, err)
+        left[target] -= 1
+        if left[target] == 0:
+            finish(target)
+    return list(errors.values())
 
 
 def stop_now(signum: int, frame: object) -> None:

@@ -99,7 +99,7 @@ def launch(params: Params, layout: Layout, run: Run) -> dict[str, float]:
             "OMP_NUM_THREADS": str(params.runtime.threads),
         }
         log.info("pretraining on %d processes under torchrun", processes)
-        code = _wait(subprocess.Popen(command, env=env))
+        code = _wait(subprocess.Popen(command, env=env, cwd=layout.root))
     if code != 0:
         raise LaunchError(
             f"pretraining on {processes} processes under torchrun failed (exit code {code}); "

@@ -10,7 +10,8 @@ Each member keeps everything a separate run has: its own starting weights, train
 data order (its own seeded generator, as in `tasks.train.fit`), learning rate, Adam state and
 early stopping. A member whose patience runs out leaves the stack (its weights frozen at its
 best epoch), so the others run on without it. The result equals what `tasks.train.fit` gives
-for each member alone, up to float rounding (tests/test_ensemble.py shows it). Members must
+for each member alone, up to float rounding (tests/test_ensemble.py shows it); the rounding
+depends on the stack's size, so a member's last bits change with the company it keeps. Members must
 share an architecture and which parameters train; members with training sets of different
 sizes take different numbers of steps per epoch, so they train in separate stacks.
 """

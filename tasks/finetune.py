@@ -229,7 +229,7 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
     return cells
 
 
-def load_target(params: Params, target: str, layout: Layout) -> TargetData:
+def load_target(target: str, layout: Layout) -> TargetData:
     return TargetData(
         name=target,
         inputs={s: load_split(layout.prepared(target), s) for s in SPLITS},
@@ -247,8 +247,8 @@ class TargetGrid:
 
     def __init__(self, params: Params, target: str, layout: Layout):
         files.check_writable(layout.results(target).parent)
-        self.params, self.target, self.layout = params, target, layout
-        self.data = load_target(params, target, layout)
+        self.target, self.layout = target, layout
+        self.data = load_target(target, layout)
         self.progress = Progress(layout.finetune_progress(target),
                                  _fingerprint(params, target, layout))  # fmt: skip
         cfg = params.finetune

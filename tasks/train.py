@@ -1,4 +1,5 @@
-"""The one supervised training loop, shared by pretraining and every fine-tuning strategy.
+"""The supervised training loop of one run: pretraining (on one or several processes), and the
+reference that the fine-tuning ensemble (tasks/ensemble.py) equals member by member.
 
 Small data lives on the device and is batched by index; the loss is summed on the device and read
 once per epoch, so the inner loop has no host-device sync. Early stopping watches validation
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,6 +113,14 @@ class Shard:
             dist.all_reduce(value)
         return value
 
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's `value` (any picklable object), on every rank."""
+        if self.world == 1:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0)
+        return shared[0]
+
     def agree(self, scores: dict[str, float], device: torch.device) -> dict[str, float]:
         """Rank 0's validation scores, on every rank. The ranks hold the same weights, so they
         should compute the same scores; taking rank 0's makes sure that all of them take the
@@ -157,7 +167,8 @@ def fit(
     optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
     best_score: tuple[float, float] = (-1.0, -float("inf"))  # (val acc, -val loss): maximise
     best_state, best_epoch, history = None, -1, []
-    saved = _load_state(resume)
+    # rank 0's saved state, on every rank: only rank 0 writes it, maybe on its own machine
+    saved = shard.from_rank0(_load_state(resume) if shard.rank == 0 else None)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

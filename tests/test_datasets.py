@@ -106,6 +106,7 @@ def test_npz_with_its_own_test_arrays(tmp_path: Path) -> None:
             {"x": np.full((4, 3), np.nan), "y": np.zeros(4, int)},
             r"NaN or inf values in 4 examples",
         ),
+        ({"x": np.array([["a"] * 3] * 4), "y": np.zeros(4, int)}, r"'x' must be real numbers"),
         ({"x": np.zeros((4, 3)), "y": np.zeros(4)}, r"'y' must hold integer labels"),
         ({"x": np.zeros((4, 3)), "y": np.array([0, 1, -1, 0])}, r"negative labels"),
         ({"x": np.zeros((4, 3)), "y": np.array([0, 2, 2, 0])}, r"must run 0..K-1 without gaps"),

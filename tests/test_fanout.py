@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
-from tasks.params import FlowParams, load_params
+from tasks.params import FlowParams, ParamsError, load_params
 from tests.helpers import digest, make_workspace, run_command
 
 
@@ -20,12 +20,18 @@ def test_threads_runner_runs_as_many_groups_as_workers() -> None:
     assert isinstance(runner, ThreadPoolTaskRunner) and runner._max_workers == 3
 
 
-def test_dask_runner_starts_a_local_cluster_or_joins_a_scheduler() -> None:
+def test_dask_runner_starts_a_local_cluster_or_joins_a_scheduler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     local = task_runner(FlowParams(task_runner="dask", workers=3))
     assert isinstance(local, DaskTaskRunner) and local.address is None
     assert local.cluster_kwargs["n_workers"] == 3 and local.cluster_kwargs["processes"]
-    remote = task_runner(FlowParams(task_runner="dask", dask_address="tcp://10.0.0.5:8786"))
-    assert remote.address == "tcp://10.0.0.5:8786"
+    remote = FlowParams(task_runner="dask", dask_address="tcp://10.0.0.5:8786")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with pytest.raises(ParamsError, match=r"flow\.dask_address: workers on other machines report"):
+        task_runner(remote)  # remote workers could not reach a temporary server
+    monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.1:4200/api")
+    assert task_runner(remote).address == "tcp://10.0.0.5:8786"
 
 
 @pytest.mark.slow
@@ -42,6 +48,7 @@ def test_dask_local_cluster_gives_the_thread_runners_results(runs, tmp_path: Pat
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     assert "Creating a new Dask" in log and log.count("Register worker") == 2  # 2 processes
+    assert log.count("Starting temporary server") == 1  # workers report to the flow's API
     assert digest(workspace) == digest(runs["prefect"])
 
     params = load_params(workspace / "params.yaml")

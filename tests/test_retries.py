@@ -1,5 +1,5 @@
-"""A stage that fails once is retried by Prefect, resumes its grid, and the run completes with
-the same numbers as an uninterrupted one."""
+"""A fine-tuning group that fails once is retried by Prefect, and the run completes with the same
+numbers as an uninterrupted one."""
 
 from __future__ import annotations
 
