@@ -14,35 +14,14 @@ import argparse
 import os
 import platform
 import statistics
-import time
-from collections.abc import Callable
 
 import numpy as np
 import scipy
+from _common import cpu_name, summary, timed
 from mnist1d.data import get_dataset_args, make_dataset
 from mnist1d.utils import ObjectView
 
 from tasks.mnist1d_fast import make_dataset_fast
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def timed(run: Callable[[], dict], reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return times
 
 
 def main() -> None:
@@ -61,12 +40,8 @@ def main() -> None:
     fast = timed(lambda: make_dataset_fast(args), opts.fast_reps)
     reference = timed(lambda: make_dataset(ObjectView(dict(args))), opts.reference_reps)
 
-    def line(name: str, times: list[float]) -> str:
-        runs = ", ".join(f"{t:.3f}" for t in times)
-        return f"{name}: median {statistics.median(times):.3f} s of {len(times)} run(s) [{runs}]"
-
-    print(line("reference mnist1d.data.make_dataset", reference))
-    print(line("fast make_dataset_fast", fast))
+    print(summary("reference mnist1d.data.make_dataset", reference))
+    print(summary("fast make_dataset_fast", fast))
     ratio = statistics.median(reference) / statistics.median(fast)
     print(f"speed-up at {opts.samples:,} examples: {ratio:.1f}x")
 

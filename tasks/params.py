@@ -41,6 +41,9 @@ class _Frozen(BaseModel):
 class RuntimeParams(_Frozen):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: PositiveInt = 1
+    # torch.compile the pretraining model; off by default: on CPU it is slower for these small
+    # models (bench/train_step.py: 0.84x); try it on a GPU
+    compile: bool = False
 
 
 class Mnist1dArgs(_Frozen):

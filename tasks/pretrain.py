@@ -74,6 +74,7 @@ def _pretrain(
             on_epoch=on_epoch,
             resume=resume,
             shard=shard,
+            compile_model=params.runtime.compile,
         )
         summary = {
             "val_acc": result.best_val_acc,

@@ -89,7 +89,7 @@ class Shard:
 
     def take(self, batch: torch.Tensor) -> torch.Tensor:
         """(B,) indices of the global batch -> this rank's (about B / world,) share."""
-        return batch[self.rank :: self.world]
+        return batch if self.world == 1 else batch[self.rank :: self.world]
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module to train through: DDP averages the ranks' gradients during backward()."""
@@ -151,6 +151,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     resume: Resume | None = None,
     shard: Shard = Shard(),
+    compile_model: bool = False,
 ) -> FitResult:
     """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs, and
     keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last.
@@ -160,7 +161,8 @@ def fit(
     ending with the same weights as an uninterrupted run.
 
     With a `shard` of several ranks, this process trains on its share of each batch and the
-    ranks' gradients are averaged; every rank reads a saved state, only rank 0 writes it.
+    ranks' gradients are averaged; rank 0 alone reads a saved state (and hands it to the
+    others) and writes one. `compile_model` trains through `torch.compile(model)`.
     """
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
@@ -177,6 +179,9 @@ def fit(
         best_state, history = saved["best_state"], saved["history"]
         log.info("resuming from the end of epoch %d (%s)", len(history) - 1, resume.path)
     trained = shard.wrap(model)  # `model` itself in one process; shares its parameters
+    if compile_model:  # compiled graphs share the parameters too; state dicts stay `model`'s
+        trained = torch.compile(trained)
+    amp = autocast(device)  # made once: making one costs as much as a small step's op
     for epoch in range(len(history), cfg.max_epochs):
         if val is not None and epoch - 1 - best_epoch >= cfg.patience:
             break  # early stopping: no better validation score for `patience` epochs
@@ -186,13 +191,13 @@ def fit(
         for start in range(0, len(train), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             index = shard.take(batch)
-            with autocast(device):
+            with amp:
                 logits = trained(train.x[index]).float()
             loss = shard.loss(logits, train.y[index], len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * (len(batch) / shard.world)
+            loss_sum.add_(loss.detach(), alpha=len(batch) / shard.world)
 
         metrics = {"train/loss": shard.total(loss_sum).item() / len(train)}
         if val is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tasks.models import architecture, build_classifier
@@ -60,3 +61,18 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
     first, second, other = (train_once(s, cfg)[0].state_dict() for s in (0, 0, 1))
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["head.weight"], other["head.weight"])
+
+
+def test_compiled_training_matches_plain_and_keeps_the_state_dict() -> None:
+    cfg = TrainParams(max_epochs=2, patience=2, batch_size=32)
+    results = []
+    for compile_model in (False, True):
+        model = build_classifier(ARCH, 2, seed=0)
+        groups = [{"params": model.parameters(), "lr": 1e-2}]
+        result = fit(model, groups, toy(256, 0), toy(128, 1), cfg, seed=0,
+                     compile_model=compile_model)  # fmt: skip
+        results.append((result, model.state_dict()))
+    (plain, plain_state), (compiled, compiled_state) = results
+    assert compiled_state.keys() == plain_state.keys()  # no `_orig_mod.` prefixes
+    for got, want in zip(compiled.history, plain.history, strict=True):
+        assert got == pytest.approx(want, rel=1e-4)
