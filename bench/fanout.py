@@ -4,11 +4,12 @@
 
 What runs is what the Prefect flow runs for the fine-tuning stage: every group of the grid
 (`tasks.finetune.TargetGrid.groups`, one strategy x fraction, all seeds) submitted as the flow's
-own task (`flows.pipeline.train_group_task`) to a `DaskTaskRunner` (flows/runners.py), with
-each target's arrays and checkpoint sent along. Each cluster is started before the clock and its
-start-up is reported apart; the grid's time then counts submission, transfers, training and the
-results' return. It reads the prepared data, features and checkpoint in data/ (run the
-pipeline first). The cells of both runs must be identical, and the script checks that they are.
+own task (`flows.pipeline.train_group_task`) to the flow's Dask runner (flows/runners.py: a
+LocalCluster of single-threaded worker processes reporting to the flow's Prefect API), with
+each target's arrays and checkpoint sent along. The time counts the cluster's start (a few
+seconds), submission, transfers, training and the results' return. It reads the prepared
+data, features and checkpoint in data/ (run the pipeline first). The cells of both runs must
+be identical, and the script checks that they are.
 """
 
 from __future__ import annotations
@@ -23,36 +24,33 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from _common import machine, summary
-from distributed import LocalCluster
 from prefect import flow
-from prefect_dask import DaskTaskRunner
 
 from flows.pipeline import train_group_task
+from flows.runners import share_api_with_local_workers, task_runner
 from tasks.finetune import Cell, TargetData, TargetGrid
 from tasks.layout import Layout
-from tasks.params import Params, load_params
+from tasks.params import FlowParams, Params, load_params
 
 
 @flow(name="fanout-bench")
-def grid(params: Params, targets: list[TargetData], groups: dict[str, list]) -> list[Cell]:
+def grid(params: Params, targets: list[TargetData], groups: dict[str, list]) -> tuple[float, list]:
+    """The flow's fan-out alone: (wall s, cells). The clock starts before the first submit,
+    which also starts the cluster, as in a real run."""
+    share_api_with_local_workers()  # as the pipeline does: workers report to this flow's API
+    started = time.perf_counter()
     futures = [train_group_task.submit(data, params, g) for data in targets
                for g in groups[data.name]]  # fmt: skip
-    return [cell for future in futures for cell in future.result()]
+    cells = [cell for future in futures for cell in future.result()]
+    return time.perf_counter() - started, cells
 
 
-def run_grid(params: Params, grids: list[TargetGrid], workers: int) -> tuple[float, float, list]:
-    """(cluster start-up s, grid wall s, cells) on a fresh LocalCluster of `workers`."""
-    started = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster:  # fmt: skip
-        cluster.wait_for_workers(workers)
-        startup = time.perf_counter() - started
-        runner = DaskTaskRunner(address=cluster.scheduler_address)
-        started = time.perf_counter()
-        cells = grid.with_options(task_runner=runner)(
-            params, [g.data for g in grids], {g.target: g.groups for g in grids}
-        )
-        return startup, time.perf_counter() - started, cells
+def run_grid(params: Params, grids: list[TargetGrid], workers: int) -> tuple[float, list[Cell]]:
+    """(grid wall s, cells) on a fresh LocalCluster of `workers`, the flow's own runner."""
+    runner = task_runner(FlowParams(task_runner="dask", workers=workers))
+    return grid.with_options(task_runner=runner)(
+        params, [g.data for g in grids], {g.target: g.groups for g in grids}
+    )
 
 
 def main() -> None:
@@ -73,9 +71,9 @@ def main() -> None:
     cells: dict[int, list] = {}
     for _ in range(args.reps):
         for workers in (1, 2):
-            startup, wall, cells[workers] = run_grid(params, grids, workers)
+            wall, cells[workers] = run_grid(params, grids, workers)
             times[workers].append(wall)
-            print(f"  {workers} worker(s): cluster start-up {startup:.1f} s, grid {wall:.1f} s")
+            print(f"  {workers} worker(s): grid {wall:.1f} s (cluster start-up included)")
     rows = {n: sorted((c.row["strategy"], c.row["fraction"], c.row["seed"], c.row["test_acc"])
                       for c in cells[n]) for n in (1, 2)}  # fmt: skip
     assert rows[1] == rows[2], "1 and 2 workers gave different cells"
