@@ -28,9 +28,9 @@ from prefect import flow
 
 from flows.pipeline import train_group_task
 from flows.runners import share_api_with_local_workers, task_runner
+from tasks.config.params import FlowParams, Params, load_params
 from tasks.finetune import Cell, TargetData, TargetGrid
-from tasks.layout import Layout
-from tasks.params import FlowParams, Params, load_params
+from tasks.workspace.layout import Layout
 
 
 @flow(name="fanout-bench")

@@ -21,7 +21,7 @@ from _common import cpu_name, summary, timed
 from mnist1d.data import get_dataset_args, make_dataset
 from mnist1d.utils import ObjectView
 
-from tasks.mnist1d_fast import make_dataset_fast
+from tasks.data.mnist1d_fast import make_dataset_fast
 
 
 def main() -> None:

@@ -58,13 +58,13 @@ def plain() -> None:
     """The stages in a plain loop in the current directory, untracked (what `--plain` runs)."""
     # imported here: only this side's process needs them, and its clock counts their import
     from tasks.compare import compare
+    from tasks.config.params import load_params
     from tasks.extract import extract
     from tasks.finetune import TargetGrid, train_group
-    from tasks.layout import Layout
-    from tasks.params import load_params
     from tasks.prepare import prepare
     from tasks.pretrain import pretrain
-    from tasks.tracking import NullRun
+    from tasks.recording.tracking import NullRun
+    from tasks.workspace.layout import Layout
 
     params, layout, run = load_params("params.yaml"), Layout(), NullRun()
     prepare(params, layout, run)

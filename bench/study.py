@@ -17,7 +17,7 @@ The naive way, written here as a user following the classic PyTorch tutorial wou
 `mlflow.log_metric` (fluent API) on every step and for each epoch's validation scores, one
 MLflow run per grid cell nested under a parent. The protocol is the same as ours: the same
 grid (params.yaml's `finetune` section, narrowed by the options), the same label subsets
-(`tasks.subsets.label_subset`) and seeds, the same model inits (`tasks.models`), Adam with the
+(`tasks.subsets.label_subset`) and seeds, the same model inits (`tasks.models.classifier`), Adam with the
 same learning-rate grid chosen on validation (accuracy, ties to the lower loss), the same max
 epochs, patience and best-weights early stopping on validation accuracy, the same strategies
 (scratch; finetune, lp_ft and partial with `backbone_lr_scale`, partial with `freeze_blocks`
@@ -54,15 +54,20 @@ from _common import machine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tasks.datasets import SPLITS, Labelled, load_meta, load_split
+from tasks.config.params import FinetuneParams, Params, load_params
+from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
+from tasks.data.subsets import label_subset
 from tasks.finetune import finetune
-from tasks.layout import Layout
-from tasks.models import Classifier, build_classifier, load_checkpoint, pretrained_classifier
-from tasks.params import FinetuneParams, Params, load_params
-from tasks.probe import ProbeResult, fit_probe
-from tasks.runtime import configure
-from tasks.subsets import label_subset
-from tasks.tracking import start_pipeline_run
+from tasks.learning.probe import ProbeResult, fit_probe
+from tasks.learning.runtime import configure
+from tasks.models.classifier import (
+    Classifier,
+    build_classifier,
+    load_checkpoint,
+    pretrained_classifier,
+)
+from tasks.recording.tracking import start_pipeline_run
+from tasks.workspace.layout import Layout
 
 EVAL_BATCH = 1024
 

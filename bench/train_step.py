@@ -3,7 +3,7 @@ each with and without `torch.compile`, on the same model, data, batch size and o
 
     python bench/train_step.py [--params params.yaml] [--samples 17500] [--epochs 3] [--reps 7]
 
-What is compared: the default params' backbone (`model` section, built by `tasks.models` with
+What is compared: the default params' backbone (`model` section, built by `tasks.models.classifier` with
 its linear head) trained for the same number of epochs on the same device-resident data
 (random inputs of MNIST-1D's shape; speed does not depend on the values), batch size
 (`pretrain.batch_size`) and Adam learning rate, both drawing a fresh random order each epoch
@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from _common import machine
 from torch import nn
 
-from tasks.models import architecture, build_classifier
-from tasks.params import TrainParams, load_params
-from tasks.runtime import configure
-from tasks.train import DeviceData, fit
+from tasks.config.params import TrainParams, load_params
+from tasks.learning.runtime import configure
+from tasks.learning.train import DeviceData, fit
+from tasks.models.classifier import architecture, build_classifier
 
 Loop = Callable[[nn.Module, DeviceData, int, int, float], None]
 

@@ -33,7 +33,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from flows.runners import share_api_with_local_workers, task_runner
-from flows.versioning import Versioning
+from tasks.analysis.report import read_verdicts, verdict_table
 from tasks.cli import (
     USER_ERRORS,
     Terminated,
@@ -44,28 +44,28 @@ from tasks.cli import (
     raise_if_tracking_failed,
 )
 from tasks.compare import compare
+from tasks.config.params import DEFAULT_PARAMS, load_params
 from tasks.extract import extract
 from tasks.finetune import TargetGrid, train_group
-from tasks.layout import Layout
-from tasks.params import DEFAULT_PARAMS, load_params
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.report import read_verdicts, verdict_table
-from tasks.tracking import (
+from tasks.recording.tracking import (
     Run,
     check_tracking,
     end_all_open_runs,
     start_pipeline_run,
     tracking_uri,
 )
-from tasks.workspace import workspace_lock
+from tasks.recording.versioning import Versioning
+from tasks.workspace.layout import Layout
+from tasks.workspace.lock import workspace_lock
 
 log = logging.getLogger("flows.pipeline")  # also when Prefect loads this file by path
 _FROM_COMMAND_LINE = False  # main() started this process: its signal handling applies
 _STOPPING, _LEAVING = threading.Event(), threading.Lock()
 
 # Prefect's own result cache stays off: DVC is the one judge of what is stale
-# (flows/versioning.py), and a second cache could disagree with it.
+# (tasks/recording/versioning.py), and a second cache could disagree with it.
 _stage = task(cache_policy=NO_CACHE, persist_result=False)
 prepare_task = _stage(prepare, name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain")

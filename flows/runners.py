@@ -19,7 +19,7 @@ import os
 from prefect.settings import get_current_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.params import FlowParams, ParamsError
+from tasks.config.params import FlowParams, ParamsError
 
 
 def task_runner(cfg: FlowParams) -> TaskRunner:

@@ -8,7 +8,7 @@
 workspace is (the DVC repo, its cache, the MLflow store), with no worker or image to manage; each
 run is a subprocess of this one. A global concurrency limit of 1 queues a run triggered while
 another is running instead of letting two write one workspace at once. Every run is versioned by
-DVC like a `dvc repro` (flows/versioning.py).
+DVC like a `dvc repro` (tasks/recording/versioning.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from flows.pipeline import pipeline
 from flows.runners import task_runner
 from tasks.cli import USER_ERRORS, configure_logging, fail, params_parser
-from tasks.params import ParamsError, load_params
+from tasks.config.params import ParamsError, load_params
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.lineage import COMMIT_TAG, DIRTY_TAG, MD5_TAG
-from tasks.tracking import PARENT_TAG, tracking_uri
+from tasks.recording.lineage import COMMIT_TAG, DIRTY_TAG, MD5_TAG
+from tasks.recording.tracking import PARENT_TAG, tracking_uri
 
 
 def locked_md5s(lock: Path) -> dict[str, str]:

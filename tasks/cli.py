@@ -10,13 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from tasks.datasets import DataError
-from tasks.files import OutputError
-from tasks.layout import Layout
-from tasks.models import CheckpointError
-from tasks.params import Params, ParamsError, load_params
-from tasks.tracking import Run, TrackingError, join_stage_parent, tracking_uri
-from tasks.workspace import WorkspaceBusy, workspace_lock
+from tasks.config.params import Params, ParamsError, load_params
+from tasks.data.datasets import DataError
+from tasks.models.classifier import CheckpointError
+from tasks.recording.tracking import Run, TrackingError, join_stage_parent, tracking_uri
+from tasks.workspace.files import OutputError
+from tasks.workspace.layout import Layout
+from tasks.workspace.lock import WorkspaceBusy, workspace_lock
 
 # Errors whose message is the whole story for a user: printed on one line, no traceback.
 USER_ERRORS = (ParamsError, DataError, CheckpointError, OutputError, TrackingError, WorkspaceBusy)

@@ -16,12 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks import files, plots, report
-from tasks.cli import run_stage
-from tasks.datasets import load_meta, load_split
-from tasks.layout import Layout
-from tasks.params import Params
-from tasks.statistics import (
+from tasks.analysis import plots, report
+from tasks.analysis.statistics import (
     Multiplier,
     area_under_curve,
     effective_data_multiplier,
@@ -29,7 +25,12 @@ from tasks.statistics import (
     t_interval,
     verdict,
 )
-from tasks.tracking import Run
+from tasks.cli import run_stage
+from tasks.config.params import Params
+from tasks.data.datasets import load_meta, load_split
+from tasks.recording.tracking import Run
+from tasks.workspace.layout import Layout
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 KEYS = ["target", "strategy", "fraction"]

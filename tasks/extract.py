@@ -7,13 +7,14 @@ import logging
 import numpy as np
 import torch
 
-from tasks import files, runtime
 from tasks.cli import run_stage
-from tasks.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
-from tasks.layout import Layout
-from tasks.models import CheckpointError, classifier_from_checkpoint
-from tasks.params import Params
-from tasks.tracking import Run
+from tasks.config.params import Params
+from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
+from tasks.learning import runtime
+from tasks.models.classifier import CheckpointError, classifier_from_checkpoint
+from tasks.recording.tracking import Run
+from tasks.workspace.layout import Layout
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Each run tunes its learning rate (or, for the probe, its L2 strength) on the val
 is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
 
 The unit of work is a group: one strategy at one label fraction, all seeds. A network strategy
-trains a group's seeds x learning rates as one vectorised ensemble (tasks/ensemble.py). A group
+trains a group's seeds x learning rates as one vectorised ensemble (tasks/learning/ensemble.py). A group
 reads only the arrays it is given and writes nothing (`train_group`), so a driver can run the
 groups anywhere: here one after another (`finetune`, what `dvc repro` runs), or in parallel on
 the Prefect flow's task runner, threads or Dask workers (flows/pipeline.py). The driver records
@@ -25,17 +25,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks import files, runtime
 from tasks.cli import run_stage
-from tasks.datasets import SPLITS, Labelled, load_meta, load_split
-from tasks.ensemble import Member, fit_ensemble
-from tasks.layout import Layout
-from tasks.models import Classifier, build_classifier, load_checkpoint, pretrained_classifier
-from tasks.params import FinetuneParams, Params
-from tasks.probe import ProbeResult, fit_probe
-from tasks.subsets import label_subset
-from tasks.tracking import Run
-from tasks.train import DeviceData, evaluate
+from tasks.config.params import FinetuneParams, Params
+from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
+from tasks.data.subsets import label_subset
+from tasks.learning import runtime
+from tasks.learning.ensemble import Member, fit_ensemble
+from tasks.learning.probe import ProbeResult, fit_probe
+from tasks.learning.train import DeviceData, evaluate
+from tasks.models.classifier import (
+    Classifier,
+    build_classifier,
+    load_checkpoint,
+    pretrained_classifier,
+)
+from tasks.recording.tracking import Run
+from tasks.workspace.layout import Layout
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 # The modules whose code decides a grid cell's result (part of the resume fingerprint).
@@ -57,7 +63,7 @@ class TargetData:
     inputs: dict[str, Labelled]  # prepared splits: x (N, C, L)
     features: dict[str, Labelled]  # frozen-backbone features: x (N, D)
     num_classes: int
-    checkpoint: dict[str, Any]  # the pretrained payload (see tasks.models)
+    checkpoint: dict[str, Any]  # the pretrained payload (see tasks.models.classifier)
     checkpoint_path: Path  # named in error messages only
 
 

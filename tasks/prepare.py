@@ -6,13 +6,13 @@ import logging
 
 import numpy as np
 
-from tasks import files
 from tasks.cli import run_stage
-from tasks.datasets import SPLITS, save_splits
-from tasks.layout import Layout
-from tasks.params import Params
-from tasks.sources import build_splits
-from tasks.tracking import Run
+from tasks.config.params import Params
+from tasks.data.datasets import SPLITS, save_splits
+from tasks.data.sources import build_splits
+from tasks.recording.tracking import Run
+from tasks.workspace.layout import Layout
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 

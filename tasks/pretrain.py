@@ -7,15 +7,16 @@ from pathlib import Path
 
 import torch
 
-from tasks import distributed, files
 from tasks.cli import fail, run_stage
-from tasks.datasets import load_meta, load_split
-from tasks.layout import Layout
-from tasks.lineage import input_tags
-from tasks.models import Classifier, architecture, build_classifier, save_checkpoint
-from tasks.params import Params
-from tasks.tracking import MODEL_ALIAS, Run
-from tasks.train import DeviceData, Resume, Shard, evaluate, fit
+from tasks.config.params import Params
+from tasks.data.datasets import load_meta, load_split
+from tasks.learning import distributed
+from tasks.learning.train import DeviceData, Resume, Shard, evaluate, fit
+from tasks.models.classifier import Classifier, architecture, build_classifier, save_checkpoint
+from tasks.recording.lineage import input_tags
+from tasks.recording.tracking import MODEL_ALIAS, Run
+from tasks.workspace.layout import Layout
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 # The modules whose code decides the pretrained weights (part of the resume fingerprint).
@@ -30,7 +31,7 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
     """Train on source train/val; write the self-describing checkpoint and its metrics.
 
     With `pretrain.processes` > 1, the stage runs itself again under torchrun as that many
-    data-parallel processes (tasks/distributed.py) and returns the summary they wrote.
+    data-parallel processes (tasks/learning/distributed.py) and returns the summary they wrote.
     """
     if params.pretrain.processes > 1 and not distributed.is_worker():
         files.check_writable(layout.checkpoint.parent)  # before any process starts

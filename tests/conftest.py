@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.params import Params, load_params
+from tasks.config.params import Params, load_params
 from tests.helpers import TINY, make_workspace, run_command
 
 

@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 
+from tasks.analysis.statistics import HELPS, NO_DIFFERENCE
 from tasks.compare import (
     headline_metrics,
     pick_verdicts,
@@ -14,7 +15,6 @@ from tasks.compare import (
     summarise,
     summarise_curves,
 )
-from tasks.statistics import HELPS, NO_DIFFERENCE
 
 
 def results() -> pd.DataFrame:

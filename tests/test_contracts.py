@@ -11,8 +11,8 @@ import yaml
 from dvc.repo import Repo
 
 from flows import pipeline
-from tasks.layout import Layout
-from tasks.params import Params, load_params
+from tasks.config.params import Params, load_params
+from tasks.workspace.layout import Layout
 from tests.helpers import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -106,8 +106,8 @@ def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
 
 
 # Modules that do not change what a stage writes: where files go, MLflow records, the CLI frame.
-NOT_OUTPUT_RELEVANT = {"tasks/layout.py", "tasks/tracking.py", "tasks/cli.py", "tasks/lineage.py",
-                       "tasks/workspace.py"}  # fmt: skip
+NOT_OUTPUT_RELEVANT = {"tasks/workspace/layout.py", "tasks/recording/tracking.py", "tasks/cli.py", "tasks/recording/lineage.py",
+                       "tasks/workspace/lock.py"}  # fmt: skip
 
 
 def imported_task_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.datasets import DataError, stratified_split
-from tasks.params import DatasetSpec, SplitParams
-from tasks.sources import build_splits
+from tasks.config.params import DatasetSpec, SplitParams
+from tasks.data.datasets import DataError, stratified_split
+from tasks.data.sources import build_splits
 
 SPLIT = SplitParams(val=0.2, test=0.2, seed=0)
 

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from tasks.layout import Layout
-from tasks.models import classifier_from_checkpoint, load_checkpoint
-from tasks.params import load_params
+from tasks.config.params import load_params
+from tasks.learning.train import Shard
+from tasks.models.classifier import classifier_from_checkpoint, load_checkpoint
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.tracking import PARENT_TAG, NullRun, Run
-from tasks.train import Shard
+from tasks.recording.tracking import PARENT_TAG, NullRun, Run
+from tasks.workspace.layout import Layout
 from tests.helpers import make_workspace, run_command
 
 EPOCHS = 8
@@ -35,7 +35,7 @@ OVERRIDES = [
 # Not bit-equal: each rank sums its share of a batch and gloo adds the two sums, a float32
 # summation order that differs from one process's, and Adam carries the rounding along. The
 # tolerances leave some 60x for other CPUs' kernels and stay far below what wrong sharding
-# does (measured by breaking tasks/train.py on purpose): per-rank mean losses instead of the
+# does (measured by breaking tasks/learning/train.py on purpose): per-rank mean losses instead of the
 # global-batch weighting move the losses by 7e-4 and the weights by 1e-2; both ranks
 # training on the same half of each batch, by 0.17 and 0.09.
 LOSS_TOLERANCE = 1e-5

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from tasks.ensemble import Member, fit_ensemble
-from tasks.models import architecture, build_classifier
-from tasks.params import ModelParams, TrainParams
-from tasks.train import DeviceData, fit
+from tasks.config.params import ModelParams, TrainParams
+from tasks.learning.ensemble import Member, fit_ensemble
+from tasks.learning.train import DeviceData, fit
+from tasks.models.classifier import architecture, build_classifier
 
 
 def noisy(n: int, seed: int) -> DeviceData:

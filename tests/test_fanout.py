@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
-from tasks.params import FlowParams, ParamsError, load_params
+from tasks.config.params import FlowParams, ParamsError, load_params
 from tests.helpers import digest, make_workspace, run_command
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks import files
+from tasks.workspace import files
 
 
 def test_a_write_that_fails_halfway_leaves_the_old_file_intact(tmp_path: Path) -> None:

@@ -9,10 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.datasets import Labelled
+from tasks.config.params import FinetuneParams, ModelParams
+from tasks.data.datasets import Labelled
 from tasks.finetune import STRATEGIES, TargetData
-from tasks.models import architecture, build_classifier, load_checkpoint, save_checkpoint
-from tasks.params import FinetuneParams, ModelParams
+from tasks.models.classifier import (
+    architecture,
+    build_classifier,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 CFG = FinetuneParams(lrs=[1e-3, 1e-2], probe_l2=[1e-2, 1.0], max_epochs=6, patience=3,
                      batch_size=16)  # fmt: skip

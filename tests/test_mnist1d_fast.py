@@ -14,7 +14,7 @@ from mnist1d.data import get_dataset_args, get_templates, make_dataset
 from mnist1d.transform import interpolate, transform, translate
 from mnist1d.utils import ObjectView
 
-from tasks.mnist1d_fast import (
+from tasks.data.mnist1d_fast import (
     Draws,
     draw,
     interpolate_rows,

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.models import (
+from tasks.config.params import ModelParams
+from tasks.models.classifier import (
     CheckpointError,
     architecture,
     build_classifier,
@@ -17,7 +18,6 @@ from tasks.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from tasks.params import ModelParams
 
 ARCH = architecture(ModelParams(channels=[4, 8], kernel_size=5), (1, 40))
 

@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tasks.config.params import ParamsError, load_params
 from tasks.finetune import STRATEGIES
-from tasks.params import ParamsError, load_params
 from tests.helpers import REPO, TINY
 
 

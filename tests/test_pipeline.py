@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tasks.params import load_params
+from tasks.config.params import load_params
 from tests.helpers import digest, run_command
 
 pytestmark = pytest.mark.slow

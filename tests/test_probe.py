@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.probe import fit_probe
+from tasks.learning.probe import fit_probe
 
 
 def blobs(n: int, seed: int, corrupt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

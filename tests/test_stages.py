@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from tasks.compare import compare
-from tasks.datasets import SPLITS, load_meta, load_split
+from tasks.data.datasets import SPLITS, load_meta, load_split
 from tasks.extract import extract
 from tasks.finetune import RESULT_COLUMNS, finetune
-from tasks.layout import Layout
-from tasks.models import classifier_from_checkpoint
+from tasks.models.classifier import classifier_from_checkpoint
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.tracking import NullRun
+from tasks.recording.tracking import NullRun
+from tasks.workspace.layout import Layout
 
 
 @pytest.fixture(scope="module")

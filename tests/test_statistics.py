@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tasks.statistics import (
+from tasks.analysis.statistics import (
     HELPS,
     HURTS,
     NO_DIFFERENCE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.subsets import label_subset
+from tasks.data.subsets import label_subset
 
 Y = np.repeat(np.arange(5), [40, 60, 100, 7, 93])
 

@@ -29,8 +29,8 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from tasks.params import Params, load_params
-from tasks.tracking import PARENT_TAG, start_pipeline_run
+from tasks.config.params import Params, load_params
+from tasks.recording.tracking import PARENT_TAG, start_pipeline_run
 from tests.helpers import free_port, make_workspace, run_command
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.models import architecture, build_classifier
-from tasks.params import ModelParams, TrainParams
-from tasks.train import DeviceData, evaluate, fit
+from tasks.config.params import ModelParams, TrainParams
+from tasks.learning.train import DeviceData, evaluate, fit
+from tasks.models.classifier import architecture, build_classifier
 
 ARCH = architecture(ModelParams(channels=[8, 8]), (1, 16))
 

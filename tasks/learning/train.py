@@ -1,5 +1,5 @@
 """The supervised training loop of one run: pretraining (on one or several processes), and the
-reference that the fine-tuning ensemble (tasks/ensemble.py) equals member by member.
+reference that the fine-tuning ensemble (tasks/learning/ensemble.py) equals member by member.
 
 Small data lives on the device and is batched by index; the loss is summed on the device and read
 once per epoch, so the inner loop has no host-device sync. Early stopping watches validation
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tasks import files
-from tasks.datasets import Labelled
-from tasks.params import TrainParams
+from tasks.config.params import TrainParams
+from tasks.data.datasets import Labelled
+from tasks.workspace import files
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, f
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's part of data-parallel training (torchrun, tasks/distributed.py): rank
+    """This process's part of data-parallel training (torchrun, tasks/learning/distributed.py): rank
     `rank` of `world` processes. Every rank draws the same epoch order and takes every
     `world`-th example of each batch (what DistributedSampler does to the epoch, without its
     padding, which would repeat examples), so a step sees the single-process batch, split over

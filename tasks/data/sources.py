@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.datasets import SPLITS, DataError, Labelled, keep_classes, stratified_split
-from tasks.mnist1d_fast import make_dataset_fast
-from tasks.params import DatasetSpec, Mnist1dArgs, SplitParams
+from tasks.data.datasets import SPLITS, DataError, Labelled, keep_classes, stratified_split
+from tasks.data.mnist1d_fast import make_dataset_fast
+from tasks.config.params import DatasetSpec, Mnist1dArgs, SplitParams
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class RawDataset:
 
 def _mnist1d(spec: DatasetSpec) -> RawDataset:
     """Generate with the published MNIST-1D generator (mnist1d.data.make_dataset), or its
-    vectorised twin (tasks/mnist1d_fast.py) with `engine: fast`."""
+    vectorised twin (tasks/data/mnist1d_fast.py) with `engine: fast`."""
     from mnist1d.data import get_dataset_args, get_templates, make_dataset
     from mnist1d.utils import ObjectView
 

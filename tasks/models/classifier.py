@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks import files
-from tasks.params import ModelParams
+from tasks.config.params import ModelParams
+from tasks.workspace import files
 
 CHECKPOINT_FORMAT = 1
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.params import Params
-from tasks.statistics import CONFIDENCE
+from tasks.analysis.statistics import CONFIDENCE
+from tasks.config.params import Params
 
 
 def _points(value: float) -> str:

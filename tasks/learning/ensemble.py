@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from tasks.params import TrainParams
-from tasks.train import DeviceData, FitResult, autocast
+from tasks.config.params import TrainParams
+from tasks.learning.train import DeviceData, FitResult, autocast
 
 # torch.optim.Adam's defaults, which `tasks.train.fit` uses
 BETAS, EPS = (0.9, 0.999), 1e-8

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 
-from tasks import files
-from tasks.datasets import Labelled
-from tasks.statistics import HELPS, HURTS
+from tasks.analysis.statistics import HELPS, HURTS
+from tasks.data.datasets import Labelled
+from tasks.workspace import files
 
 MARK = {HELPS: "▲", HURTS: "▼"}  # drawn beside significant gains and losses
 

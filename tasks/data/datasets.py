@@ -1,6 +1,6 @@
 """Labelled arrays, class subsets, stratified splits, and the prepared-split file format that
 every later stage reads: `<dir>/{train,val,test}.npz` with `x` (N, C, L) float32 and `y` (N,)
-int64 labels in 0..K-1, plus `<dir>/meta.json`. Where the data comes from: tasks/sources.py."""
+int64 labels in 0..K-1, plus `<dir>/meta.json`. Where the data comes from: tasks/data/sources.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks import files
+from tasks.workspace import files
 
 SPLITS = ("train", "val", "test")
 

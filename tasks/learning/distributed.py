@@ -33,7 +33,6 @@ import torch.distributed as dist
 import yaml
 from mlflow import MlflowClient
 
-from tasks import runtime
 from tasks.cli import (
     USER_ERRORS,
     configure_logging,
@@ -43,9 +42,10 @@ from tasks.cli import (
     params_parser,
     raise_if_tracking_failed,
 )
-from tasks.layout import Layout
-from tasks.params import Params, ParamsError, load_params
-from tasks.tracking import (
+from tasks.config.params import Params, ParamsError, load_params
+from tasks.learning import runtime
+from tasks.learning.train import Shard
+from tasks.recording.tracking import (
     Connection,
     NullRun,
     Run,
@@ -53,8 +53,8 @@ from tasks.tracking import (
     join_stage_parent,
     tracking_uri,
 )
-from tasks.train import Shard
-from tasks.workspace import workspace_lock
+from tasks.workspace.layout import Layout
+from tasks.workspace.lock import workspace_lock
 
 # Set by `launch` for the ranks it starts: JSON of the workspace root and the MLflow parent.
 LAUNCH_ENV = "TRANSFER_STUDY_LAUNCHER"

@@ -61,7 +61,7 @@ class Mnist1dArgs(_Frozen):
     final_seq_length: PositiveInt = 40
     seed: Seed = 42
     # reference: the published generator's own loop (reproduces the published data exactly);
-    # fast: tasks/mnist1d_fast.py, the same distribution vectorised (~45x faster at 100k)
+    # fast: tasks/data/mnist1d_fast.py, the same distribution vectorised (~45x faster at 100k)
     engine: Literal["reference", "fast"] = "reference"
 
 
@@ -127,7 +127,7 @@ class PretrainParams(TrainParams):
     lr: PositiveFloat = 3e-3
     seed: Seed = 0
     # > 1: the stage runs itself under torchrun as this many data-parallel processes
-    # (tasks/distributed.py); batch_size stays the global batch, split over them
+    # (tasks/learning/distributed.py); batch_size stays the global batch, split over them
     processes: PositiveInt = 1
 
 

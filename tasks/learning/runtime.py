@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.params import RuntimeParams
+from tasks.config.params import RuntimeParams
 
 
 def resolve_device(name: str) -> torch.device:

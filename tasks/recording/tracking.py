@@ -38,7 +38,7 @@ from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-from tasks.lineage import MD5_TAG, git_state, input_tags
+from tasks.recording.lineage import MD5_TAG, git_state, input_tags
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
