@@ -38,17 +38,23 @@ def main() -> None:
     torch.set_num_threads(params.runtime.threads)
 
     data = make_dataset(get_dataset_args())
-    train = DeviceData(torch.from_numpy(data["x"].astype(np.float32)[:, None, :]),
-                       torch.from_numpy(data["y"].astype(np.int64)))  # fmt: skip
-    test = DeviceData(torch.from_numpy(data["x_test"].astype(np.float32)[:, None, :]),
-                      torch.from_numpy(data["y_test"].astype(np.int64)))  # fmt: skip
+    train = DeviceData(
+        torch.from_numpy(data["x"].astype(np.float32)[:, None, :]),
+        torch.from_numpy(data["y"].astype(np.int64)),
+    )
+    test = DeviceData(
+        torch.from_numpy(data["x_test"].astype(np.float32)[:, None, :]),
+        torch.from_numpy(data["y_test"].astype(np.int64)),
+    )
     epochs = STEPS * BATCH // len(train)  # 4,000 examples / 100 per step: 40 steps an epoch
     schedule = TrainParams(max_epochs=epochs, patience=epochs, batch_size=BATCH)
 
     machine = platform.processor() or platform.machine()
-    print(f"MNIST-1D standard split: {len(train)} train / {len(test)} test; {STEPS} steps of "
-          f"{BATCH}, Adam lr {LR}; {args.seeds} seeds; {machine}, torch {torch.__version__}, "
-          f"{params.runtime.threads} thread(s)")  # fmt: skip
+    print(
+        f"MNIST-1D standard split: {len(train)} train / {len(test)} test; {STEPS} steps of "
+        f"{BATCH}, Adam lr {LR}; {args.seeds} seeds; {machine}, torch {torch.__version__}, "
+        f"{params.runtime.threads} thread(s)"
+    )
     failed = False
     for backbone in ("cnn1d", "mlp"):
         model_params = params.model.model_copy(update={"backbone": backbone})

@@ -14,11 +14,11 @@ process start to its exit, so both sides pay for the interpreter and their impor
   workspace, a new store each run), DVC asked before each stage and told after it (`dvc
   status`, `dvc commit`: the flow is versioned because it runs the workspace's params.yaml).
 - plain: `python bench/overhead.py --plain` in the workspace: prepare, pretrain, extract,
-  the fine-tuning grids and compare, called directly with `tasks.tracking.NullRun()` (no
-  MLflow client, no store, no hashing of inputs: tracking is off, not redirected). The grids
-  fan out as the flow's default (threads) runner does it: each target's groups
-  (`tasks.finetune.TargetGrid`, `train_group`) on `flow.workers` threads while the next target
-  is extracted, so the difference prices the orchestration and tracking, not the parallelism.
+  the fine-tuning grids and compare, called directly with `tasks.recording.recorder.Recorder()`
+  (no MLflow client, no store, no hashing of inputs: tracking is off, not redirected). The grids
+  fan out through the flow's own driver (`tasks.finetune.Fanout`) on `flow.workers` plain
+  threads while the next target is extracted, so the difference prices the orchestration and
+  tracking, not the parallelism.
 - with `--breakdown`, also "flow, DVC off": the same flow given its params under another file
   name (`--params unversioned.yaml`), which it runs without asking or telling DVC; its extra
   over plain is Prefect and MLflow alone.
@@ -60,29 +60,25 @@ def plain() -> None:
     from tasks.compare import compare
     from tasks.config.params import load_params
     from tasks.extract import extract
-    from tasks.finetune import TargetGrid, train_group
+    from tasks.finetune import Fanout, TargetGrid, train_group
     from tasks.prepare import prepare
     from tasks.pretrain import pretrain
-    from tasks.recording.tracking import NullRun
+    from tasks.recording.recorder import Recorder
     from tasks.workspace.layout import Layout
 
-    params, layout, run = load_params("params.yaml"), Layout(), NullRun()
-    prepare(params, layout, run)
-    pretrain(params, layout, run)
+    params, layout, off = load_params("params.yaml"), Layout(), Recorder()
+    prepare(params, layout, off)
+    pretrain(params, layout, off)
     # the flow's fan-out: each target extracted here, then its fine-tuning groups handed to
-    # `flow.workers` threads while the next target is extracted; each grid finished at the end
+    # `flow.workers` threads while the next target is extracted
     with ThreadPoolExecutor(max_workers=params.flow.workers) as pool:
-        fanout = []
+        fanout = Fanout(lambda data, group: pool.submit(train_group, data, params, group))
         for target in params.targets:
-            extract(params, target, layout, run)
-            grid = TargetGrid(params, target, layout)
-            fanout.append((grid, [pool.submit(train_group, grid.data, params, group)
-                                  for group in grid.groups]))  # fmt: skip
-        for grid, groups in fanout:
-            for future in groups:
-                grid.add(future.result())
-            grid.finish(grid.stage_run(run))
-    compare(params, layout, run)
+            extract(params, target, layout, off)
+            fanout.add(TargetGrid(params, target, layout), off)
+        errors = fanout.collect()
+    assert not errors, errors
+    compare(params, layout, off)
 
 
 def timed_run(command: list[str], params_file: Path, env: dict[str, str]) -> float:
@@ -138,8 +134,10 @@ def main() -> None:
             for side in sides:
                 if side != "plain":
                     extra = median[size, side] - median[size, "plain"]
-                    print(f"{size:>5} extra of {side}: {extra:+.1f} s "
-                          f"({extra / median[size, 'plain']:+.1%})")  # fmt: skip
+                    print(
+                        f"{size:>5} extra of {side}: {extra:+.1f} s "
+                        f"({extra / median[size, 'plain']:+.1%})"
+                    )
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

@@ -8,24 +8,25 @@ It reads the default study's prepared data, features and checkpoint under data/ 
 `dvc repro` or `python -m flows.pipeline` first) and writes nothing there: both sides work in a
 temporary folder, each with its own temporary sqlite MLflow store.
 
-Ours: the stage function, called per target with a real MLflow parent run (as `tasks.cli`
+Ours: the stage function, called per target with a real MLflow parent run (as `tasks.frame`
 creates one), exactly as the pipeline runs it (its results and progress files go to the
 temporary folder).
 
 The naive way, written here as a user following the classic PyTorch tutorial would: per run a
 `TensorDataset` + `DataLoader(shuffle=True, batch_size)` (seeded), the runs one after another,
 `mlflow.log_metric` (fluent API) on every step and for each epoch's validation scores, one
-MLflow run per grid cell nested under a parent. The protocol is the same as ours: the same
-grid (params.yaml's `finetune` section, narrowed by the options), the same label subsets
-(`tasks.subsets.label_subset`) and seeds, the same model inits (`tasks.models.classifier`), Adam with the
-same learning-rate grid chosen on validation (accuracy, ties to the lower loss), the same max
-epochs, patience and best-weights early stopping on validation accuracy, the same strategies
-(scratch; finetune, lp_ft and partial with `backbone_lr_scale`, partial with `freeze_blocks`
-frozen). Validation and test are scored in batches of 1,024 through a DataLoader. The linear
-probe (and LP-FT's head) uses the same L-BFGS solver (`tasks.probe.fit_probe`) on both sides:
-the naive side only adds its MLflow run, so the probe does not flatter our ratio. Data order
-differs between the sides (DataLoader vs our seeded permutation), so accuracies agree in
-distribution, not bit for bit: they are compared against the spread over seeds.
+MLflow run per grid cell nested under a parent. The protocol is the same as ours: the same grid
+(params.yaml's `finetune` section, narrowed by the options), the same label subsets
+(`tasks.data.subsets.label_subset`) and seeds, the same model inits (`tasks.models.classifier`),
+Adam with the same learning-rate grid chosen on validation (accuracy, ties to the lower loss),
+the same max epochs, patience and best-weights early stopping on validation accuracy, the same
+strategies (scratch; finetune, lp_ft and partial with `backbone_lr_scale`, partial with
+`freeze_blocks` frozen). Validation and test are scored in batches of 1,024 through a
+DataLoader. The linear probe (and LP-FT's head) uses the same L-BFGS solver
+(`tasks.learning.probe.fit_probe`) on both sides: the naive side only adds its MLflow run, so
+the probe does not flatter our ratio. Data order differs between the sides (DataLoader vs our seeded
+permutation), so accuracies agree in distribution, not bit for bit: they are compared against
+the spread over seeds.
 
 Timed: the grid only, from loading the target's files to the last MLflow record; creating each
 store and parent run is not timed. With `--reps` above 1 both sides are repeated alternately
@@ -153,12 +154,14 @@ def train_network(
         model.backbone.blocks[:frozen].requires_grad_(False)
         optimizer = torch.optim.Adam(
             [
-                {"params": [p for p in model.backbone.parameters() if p.requires_grad],
-                 "lr": lr * scale},
+                {
+                    "params": [p for p in model.backbone.parameters() if p.requires_grad],
+                    "lr": lr * scale,
+                },
                 {"params": model.head.parameters(), "lr": lr},
             ],
             weight_decay=cfg.weight_decay,
-        )  # fmt: skip
+        )
         train = loader(x, y, cfg.batch_size, seed)
         top, top_state, top_epoch, step = (-1.0, -float("inf")), None, -1, 0
         for epoch in range(cfg.max_epochs):
@@ -186,8 +189,13 @@ def train_network(
     top, lr, model, top_epoch = best
     test = loader(data.inputs["test"].x, data.inputs["test"].y, EVAL_BATCH)
     _, test_acc = score(model, test, data.device)
-    return {"lr": lr, "val_acc": top[0], "test_acc": test_acc, "best_epoch": top_epoch,
-            "steps": steps}  # fmt: skip
+    return {
+        "lr": lr,
+        "val_acc": top[0],
+        "test_acc": test_acc,
+        "best_epoch": top_epoch,
+        "steps": steps,
+    }
 
 
 def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
@@ -208,18 +216,29 @@ def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
                 subset = label_subset(data.inputs["train"].y, fraction, seed)
                 name = f"{target}/{strategy}/f{fraction:g}/s{seed}"
                 with mlflow.start_run(run_name=name, nested=True):
-                    mlflow.log_params({"target": target, "strategy": strategy,
-                                       "fraction": fraction, "seed": seed,
-                                       "n_labels": len(subset)})  # fmt: skip
+                    mlflow.log_params(
+                        {
+                            "target": target,
+                            "strategy": strategy,
+                            "fraction": fraction,
+                            "seed": seed,
+                            "n_labels": len(subset),
+                        }
+                    )
                     if strategy == "linear_probe":
                         result = probe(data, subset, cfg)
-                        row = {"l2": result.l2, "val_acc": result.val_acc,
-                               "test_acc": result.test_acc}  # fmt: skip
+                        row = {
+                            "l2": result.l2,
+                            "val_acc": result.val_acc,
+                            "test_acc": result.test_acc,
+                        }
                     else:
                         row = train_network(strategy, data, subset, cfg, seed)
                     mlflow.log_metric("test_acc", row["test_acc"])
-                rows.append({"target": target, "strategy": strategy, "fraction": fraction,
-                             "seed": seed} | row)  # fmt: skip
+                rows.append(
+                    {"target": target, "strategy": strategy, "fraction": fraction, "seed": seed}
+                    | row
+                )
     return pd.DataFrame(rows)
 
 
@@ -227,8 +246,10 @@ def workspace(folder: Path, data: Layout, targets: list[str]) -> Layout:
     """A layout in `folder` that reads `data`'s inputs (linked) and writes its own results."""
     root = folder / "workspace"
     for target in targets:
-        for source, dest in ((data.prepared(target), Layout(root).prepared(target)),
-                             (data.features(target), Layout(root).features(target))):  # fmt: skip
+        for source, dest in (
+            (data.prepared(target), Layout(root).prepared(target)),
+            (data.features(target), Layout(root).features(target)),
+        ):
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.symlink_to(source.resolve(), target_is_directory=True)
     Layout(root).checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -307,10 +328,13 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store-creation chatter
     overrides = [
         f"finetune.{key}=[{value}]"
-        for key, value in (("strategies", args.strategies), ("fractions", args.fractions),
-                           ("seeds", args.seeds))
+        for key, value in (
+            ("strategies", args.strategies),
+            ("fractions", args.fractions),
+            ("seeds", args.seeds),
+        )
         if value
-    ]  # fmt: skip
+    ]
     params = load_params(args.params, overrides)  # validated: e.g. scratch must be there
     targets = args.targets.split(",") if args.targets else list(params.targets)
     unknown = [t for t in targets if t not in params.targets]

@@ -3,15 +3,15 @@ each with and without `torch.compile`, on the same model, data, batch size and o
 
     python bench/train_step.py [--params params.yaml] [--samples 17500] [--epochs 3] [--reps 7]
 
-What is compared: the default params' backbone (`model` section, built by `tasks.models.classifier` with
-its linear head) trained for the same number of epochs on the same device-resident data
-(random inputs of MNIST-1D's shape; speed does not depend on the values), batch size
-(`pretrain.batch_size`) and Adam learning rate, both drawing a fresh random order each epoch
-from a seeded generator and batching by index. Neither side validates: `fit` gets no
-validation split (so no early stopping, no weight copies), and the bare loop has none. What
-`fit` adds per step is what the comparison prices (today: the autocast context, off on CPU; the
-data-parallel shard's batch split and loss, trivial in one process; the on-device loss sum and
-its one read per epoch). On CUDA both sides use bf16 autocast.
+What is compared: the default params' backbone (`model` section, built by
+`tasks.models.classifier` with its linear head) trained for the same number of epochs on the
+same device-resident data (random inputs of MNIST-1D's shape; speed does not depend on the
+values), batch size (`pretrain.batch_size`) and Adam learning rate, both drawing a fresh random
+order each epoch from a seeded generator and batching by index. Neither side validates: `fit`
+gets no validation split (so no early stopping, no weight copies), and the bare loop has none.
+What `fit` adds per step is what the comparison prices (today: the autocast context, off on CPU;
+the data-parallel shard's batch split and loss, trivial in one process; the on-device loss sum
+and its one read per epoch). On CUDA both sides use bf16 autocast.
 
 `torch.compile` (default inductor backend) is measured on both loops: its compile time is the
 first (warm-up) epoch of the compiled model minus a steady compiled epoch, printed separately
@@ -74,8 +74,9 @@ def our_loop(model: nn.Module, train: DeviceData, epochs: int, batch_size: int, 
     fit(model, [{"params": model.parameters(), "lr": lr}], train, None, schedule, seed=0)
 
 
-def run_timed(loop: Loop, model: nn.Module, train: DeviceData, epochs: int, batch_size: int,
-              lr: float) -> float:  # fmt: skip
+def run_timed(
+    loop: Loop, model: nn.Module, train: DeviceData, epochs: int, batch_size: int, lr: float
+) -> float:
     """Seconds for `epochs` epochs of `loop` (a fresh optimizer each time)."""
     if train.y.device.type == "cuda":
         torch.cuda.synchronize()

@@ -15,34 +15,37 @@ from __future__ import annotations
 
 import os
 
-from flows.pipeline import pipeline
-from flows.runners import task_runner
-from tasks.cli import USER_ERRORS, configure_logging, fail, params_parser
-from tasks.config.params import ParamsError, load_params
+from tasks import frame
+from tasks.config.params import ParamsError
+from tasks.workspace.layout import Layout
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = params_parser("Serve the pipeline as a scheduled Prefect deployment.")
+    parser = frame.parser("Serve the pipeline as a scheduled Prefect deployment.")
     parser.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (default: flow.cron)")
     parser.add_argument("--name", help="deployment name (default: flow.deployment)")
     args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        params = load_params(args.params, args.overrides)  # refuse bad params before serving
-        runner = task_runner(params.flow)  # and a runner that cannot be built
+
+    def body() -> None:
+        params = frame.load(args)  # refuse bad params and data before serving
+        frame.preflight(params, Layout())
         if not os.environ.get("PREFECT_API_URL"):
             raise ParamsError(
                 "schedules need a Prefect server: start one (`prefect server start`) and set "
                 "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
             )
-    except USER_ERRORS as err:
-        fail(err)
-    pipeline.with_options(task_runner=runner).serve(
-        name=args.name or params.flow.deployment,
-        cron=args.cron or params.flow.cron,
-        parameters={"params_path": str(args.params), "overrides": args.overrides},
-        global_limit=1,  # one run at a time per workspace; later triggers wait their turn
-    )
+        from flows.runners import task_runner
+        from flows.study import transfer_study
+
+        runner = task_runner(params.flow)  # and a runner that cannot be built
+        transfer_study.with_options(task_runner=runner).serve(
+            name=args.name or params.flow.deployment,
+            cron=args.cron or params.flow.cron,
+            parameters={"params_path": str(args.params), "overrides": args.overrides},
+            global_limit=1,  # one run at a time per workspace; later triggers wait their turn
+        )
+
+    frame.command(body)
 
 
 if __name__ == "__main__":

@@ -51,18 +51,26 @@ def trace(run_id: str, lock: Path = Path("dvc.lock")) -> str:
     lines = [
         f"run {run_id} ({run.info.run_name}), status {run.info.status}",
         f"  orchestrator: {tags.get('orchestrator', 'unknown')}"
-        + (f", Prefect flow run {tags['prefect.flow_run_id']}" if "prefect.flow_run_id" in tags
-           else ""),
-        f"  code: git commit {commit}" + (" (uncommitted changes!)"
-                                         if tags.get(DIRTY_TAG) == "true" else ""),
+        + (
+            f", Prefect flow run {tags['prefect.flow_run_id']}"
+            if "prefect.flow_run_id" in tags
+            else ""
+        ),
+        f"  code: git commit {commit}"
+        + (" (uncommitted changes!)" if tags.get(DIRTY_TAG) == "true" else ""),
         "  data and checkpoint versions (DVC md5):",
-    ]  # fmt: skip
+    ]
     for key, digest in sorted(tags.items()):
         if key.startswith(MD5_TAG):
             path = key.removeprefix(MD5_TAG)
             now = locked.get(path)
-            note = ("" if now is None else "  = dvc.lock" if now == digest
-                    else f"  (dvc.lock now holds {now})")  # fmt: skip
+            note = (
+                ""
+                if now is None
+                else "  = dvc.lock"
+                if now == digest
+                else f"  (dvc.lock now holds {now})"
+            )
             lines.append(f"    {path}  {digest}{note}")
     if run.data.params:
         lines.append(

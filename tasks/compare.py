@@ -25,12 +25,12 @@ from tasks.analysis.statistics import (
     t_interval,
     verdict,
 )
-from tasks.cli import run_stage
 from tasks.config.params import Params
 from tasks.data.datasets import load_meta, load_split
-from tasks.recording.tracking import Run
-from tasks.workspace.layout import Layout
+from tasks.frame import stage_command
+from tasks.recording.recorder import Recorder
 from tasks.workspace import files
+from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
 KEYS = ["target", "strategy", "fraction"]
@@ -46,18 +46,23 @@ class Comparison:
 def read_results(path: Path) -> pd.DataFrame:
     """A results file as written by `finetune`; names stay strings ('NA' is a valid target)."""
     return pd.read_csv(
-        path, dtype={"target": str, "strategy": str}, keep_default_na=False,
+        path,
+        dtype={"target": str, "strategy": str},
+        keep_default_na=False,
         na_values={"lr": [""], "l2": [""]},
-    )  # fmt: skip
+    )
 
 
 def pair_with_scratch(results: pd.DataFrame) -> pd.DataFrame:
     """Each row beside the scratch run of the same target, fraction and seed (same subset)."""
     scratch = results[results.strategy == "scratch"][["target", "fraction", "seed", "test_acc"]]
     paired = results.merge(
-        scratch, on=["target", "fraction", "seed"], how="left", suffixes=("", "_scratch"),
+        scratch,
+        on=["target", "fraction", "seed"],
+        how="left",
+        suffixes=("", "_scratch"),
         validate="m:1",
-    )  # fmt: skip
+    )
     unpaired = paired[paired.test_acc_scratch.isna()]
     if len(unpaired):
         first = unpaired.iloc[0]
@@ -128,23 +133,36 @@ def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
         scratch = table[(table.target == target) & (table.strategy == "scratch")]
         aulc = area_under_curve(curve.n_labels, curve.test_acc_mean)
         transfer = strategy != "scratch"
-        rows.append({
-            "target": target,
-            "strategy": strategy,
-            "aulc": aulc,
-            "aulc_gain_vs_scratch": aulc - area_under_curve(scratch.n_labels,
-                                                            scratch.test_acc_mean),
-            "data_multiplier_at_min_fraction": _multiplier_text(curve.iloc[0]) if transfer else "",
-            "data_multiplier_at_max_fraction": _multiplier_text(curve.iloc[-1]) if transfer
-            else "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "target": target,
+                "strategy": strategy,
+                "aulc": aulc,
+                "aulc_gain_vs_scratch": aulc
+                - area_under_curve(scratch.n_labels, scratch.test_acc_mean),
+                "data_multiplier_at_min_fraction": _multiplier_text(curve.iloc[0])
+                if transfer
+                else "",
+                "data_multiplier_at_max_fraction": _multiplier_text(curve.iloc[-1])
+                if transfer
+                else "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
 VERDICT_COLUMNS = [
-    "target", "fraction", "n_labels", "strategy", "test_acc_mean", "scratch_acc_mean",
-    "gain_vs_scratch", "gain_ci_low", "gain_ci_high", "verdict",
-]  # fmt: skip
+    "target",
+    "fraction",
+    "n_labels",
+    "strategy",
+    "test_acc_mean",
+    "scratch_acc_mean",
+    "gain_vs_scratch",
+    "gain_ci_low",
+    "gain_ci_high",
+    "verdict",
+]
 
 
 def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
@@ -173,7 +191,7 @@ def headline_metrics(summary: pd.DataFrame, table: pd.DataFrame) -> dict:
     return metrics
 
 
-def compare(params: Params, layout: Layout, run: Run) -> Comparison:
+def compare(params: Params, layout: Layout, recorder: Recorder) -> Comparison:
     reports = layout.reports
     files.check_writable(reports, reports / "plots")
     results = pd.concat(
@@ -205,18 +223,18 @@ def compare(params: Params, layout: Layout, run: Run) -> Comparison:
         figures += [curves, gain, features_png]
     files.prune(reports / "plots", keep={figure.name for figure in figures})
     inputs = [layout.results(t) for t in params.targets]
-    with run.child("compare", tags={"stage": "compare"}, inputs=inputs) as stage:
+    with recorder.child("compare", tags={"stage": "compare"}, inputs=inputs) as stage:
         stage.log(metrics={"n_runs": len(results)})
     for name in [*written, "metrics.json"]:
-        run.log_artifact(reports / name)
+        recorder.log_artifact(reports / name)
     for figure in figures:
-        run.log_artifact(figure, "plots")
+        recorder.log_artifact(figure, "plots")
     log.info("comparison written to %s (read %s)", reports, reports / "report.md")
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, compare, argv)
+    stage_command(__doc__, compare, argv)
 
 
 if __name__ == "__main__":

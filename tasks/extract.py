@@ -7,19 +7,20 @@ import logging
 import numpy as np
 import torch
 
-from tasks.cli import run_stage
 from tasks.config.params import Params
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
+from tasks.frame import stage_command
 from tasks.learning import runtime
-from tasks.models.classifier import CheckpointError, classifier_from_checkpoint
-from tasks.recording.tracking import Run
-from tasks.workspace.layout import Layout
+from tasks.models.classifier import classifier_from_checkpoint
+from tasks.models.errors import CheckpointError
+from tasks.recording.recorder import Recorder
 from tasks.workspace import files
+from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
-def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, int]:
+def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> dict[str, int]:
     """Write data/features/<target>/{train,val,test}.npz with x (N, D) float32 and y (N,)."""
     files.check_writable(layout.features(target))
     device = runtime.configure(params.runtime)
@@ -36,7 +37,7 @@ def extract(params: Params, target: str, layout: Layout, run: Run) -> dict[str, 
     features = {}
     inputs = [prepared / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
     tags = {"stage": "extract", "target": target}
-    with run.child(f"extract {target}", tags=tags, inputs=inputs) as stage:
+    with recorder.child(f"extract {target}", tags=tags, inputs=inputs) as stage:
         for split in SPLITS:
             data = load_split(prepared, split)
             features[split] = Labelled(
@@ -67,7 +68,7 @@ def _embed(
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, extract, argv, per_target=True)
+    stage_command(__doc__, extract, argv, per_target=True)
 
 
 if __name__ == "__main__":

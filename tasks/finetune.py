@@ -4,31 +4,37 @@ Each run tunes its learning rate (or, for the probe, its L2 strength) on the val
 is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
 
 The unit of work is a group: one strategy at one label fraction, all seeds. A network strategy
-trains a group's seeds x learning rates as one vectorised ensemble (tasks/learning/ensemble.py). A group
-reads only the arrays it is given and writes nothing (`train_group`), so a driver can run the
-groups anywhere: here one after another (`finetune`, what `dvc repro` runs), or in parallel on
-the Prefect flow's task runner, threads or Dask workers (flows/pipeline.py). The driver records
-the cells in MLflow and writes the table (`TargetGrid`).
+trains a group's seeds x learning rates as one vectorised ensemble (tasks/learning/ensemble.py).
+A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
+run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: a thread of
+this process, one group after another (`finetune`, what `dvc repro` runs), or the Prefect flow's
+task runner, threads or Dask workers (flows/study.py). As each group comes back, the driver
+keeps its cells (a rerun after a crash redoes only the others) and records them at once, with
+the real start and end of their training and every learning rate's curve; a target's table is
+written when its last group is back (`TargetGrid`).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import dataclasses
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
-from tasks.cli import run_stage
 from tasks.config.params import FinetuneParams, Params
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
 from tasks.data.subsets import label_subset
+from tasks.frame import stage_command
 from tasks.learning import runtime
 from tasks.learning.ensemble import Member, fit_ensemble
 from tasks.learning.probe import ProbeResult, fit_probe
@@ -39,19 +45,16 @@ from tasks.models.classifier import (
     load_checkpoint,
     pretrained_classifier,
 )
-from tasks.recording.tracking import Run
+from tasks.recording.recorder import Recorder
+from tasks.workspace import contracts, files
 from tasks.workspace.layout import Layout
-from tasks.workspace import files
 
 log = logging.getLogger(__name__)
-# The modules whose code decides a grid cell's result (part of the resume fingerprint).
-CODE = ["finetune.py", "ensemble.py", "train.py", "probe.py", "models.py", "subsets.py",
-        "runtime.py", "datasets.py"]  # fmt: skip
 
 RESULT_COLUMNS = [
-    "target", "strategy", "fraction", "seed", "n_labels", "lr", "l2",
-    "val_acc", "test_acc", "best_epoch", "epochs_run",
-]  # fmt: skip
+    *("target", "strategy", "fraction", "seed", "n_labels", "lr", "l2"),
+    *("val_acc", "test_acc", "best_epoch", "epochs_run"),
+]
 
 
 @dataclass(frozen=True)
@@ -68,18 +71,30 @@ class TargetData:
 
 
 @dataclass(frozen=True)
+class Curve:
+    """One learning rate's run of a network cell, as trained (before the choice)."""
+
+    lr: float
+    history: list[dict[str, float]]  # per epoch: train/loss, val/loss, val/acc
+    epoch_ends: list[float]  # when each epoch ended (time.time())
+    best_epoch: int
+    val_acc: float
+
+
+@dataclass(frozen=True)
 class Outcome:
     val_acc: float
     test_acc: float
     hparams: dict[str, float]  # the chosen lr or l2
-    history: list[dict[str, float]] = field(default_factory=list)  # of the chosen run
     best_epoch: int = -1
+    curves: list[Curve] = field(default_factory=list)  # every lr tried; the chosen one by hparams
 
 
 # A strategy trains every seed of one label fraction: seed -> its label subset, in; seed -> its
 # outcome, out. Seeds come together so that a network strategy can train them as one ensemble.
-Strategy = Callable[[TargetData, dict[int, np.ndarray], FinetuneParams, torch.device],
-                    dict[int, Outcome]]  # fmt: skip
+Strategy = Callable[
+    [TargetData, dict[int, np.ndarray], FinetuneParams, torch.device], dict[int, Outcome]
+]
 
 
 def _fit_probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams) -> ProbeResult:
@@ -161,17 +176,25 @@ def _network(
         test = DeviceData.from_arrays(data.inputs["test"], device)
         outcomes = {}
         for seed in subsets:
+            tried = [
+                (result, member.lr, model)
+                for member, (result, model) in zip(members, fitted, strict=True)
+                if member.seed == seed
+            ]
             # the lr with the best validation score (ties: the first in cfg.lrs)
-            result, lr, model = max(
-                ((result, member.lr, model)
-                 for member, (result, model) in zip(members, fitted, strict=True)
-                 if member.seed == seed),
-                key=lambda candidate: candidate[0].score,
-            )  # fmt: skip
+            result, lr, model = max(tried, key=lambda candidate: candidate[0].score)
             test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
-            outcomes[seed] = Outcome(result.best_val_acc, test_acc,
-                                     {"lr": lr, **starts[seed].hparams}, result.history,
-                                     result.best_epoch)  # fmt: skip
+            curves = [
+                Curve(lr_, r.history, r.epoch_ends, r.best_epoch, r.best_val_acc)
+                for r, lr_, _ in tried
+            ]
+            outcomes[seed] = Outcome(
+                result.best_val_acc,
+                test_acc,
+                {"lr": lr, **starts[seed].hparams},
+                result.best_epoch,
+                curves,
+            )
         return outcomes
 
     return run
@@ -201,10 +224,16 @@ class Group:
 
 @dataclass(frozen=True)
 class Cell:
-    """One finished grid cell: its line of the results table and the chosen run's epochs."""
+    """One finished grid cell: its line of the results table, the chosen run's epochs, every
+    learning rate's curve, and when its group trained. Plain data: it is kept in the progress
+    file as JSON and sent back from worker processes."""
 
     row: dict[str, Any]
     history: list[dict[str, float]]
+    started: float  # time.time() when its group started and ended training
+    ended: float
+    epoch_ends: list[float] = field(default_factory=list)  # of the chosen run
+    curves: list[dict[str, Any]] = field(default_factory=list)  # Curve fields, per lr tried
 
     @property
     def key(self) -> tuple[str, float, int]:
@@ -214,24 +243,40 @@ class Cell:
 def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
     """Train one group and return its cells; reads nothing but its arguments and writes
     nothing, so it runs the same in a thread, another process or on another machine."""
+    started = time.time()
     device = runtime.configure(params.runtime)  # in a worker process, too
     cfg = params.finetune
-    subsets = {seed: label_subset(data.inputs["train"].y, group.fraction, seed)
-               for seed in group.seeds}  # fmt: skip
+    subsets = {
+        seed: label_subset(data.inputs["train"].y, group.fraction, seed) for seed in group.seeds
+    }
     outcomes = STRATEGIES[group.strategy](data, subsets, cfg, device)
+    ended = time.time()
     cells = []
     for seed in group.seeds:
         outcome = outcomes[seed]
+        # the chosen lr's curve (the probe has none: it trains no epochs)
+        chosen = next((c for c in outcome.curves if c.lr == outcome.hparams.get("lr")), None)
         row = {
-            "target": data.name, "strategy": group.strategy, "fraction": group.fraction,
-            "seed": seed, "n_labels": len(subsets[seed]), "lr": np.nan, "l2": np.nan,
-            "val_acc": outcome.val_acc, "test_acc": outcome.test_acc,
-            "best_epoch": outcome.best_epoch, "epochs_run": len(outcome.history),
-        } | outcome.hparams  # fmt: skip
-        cells.append(Cell(row, outcome.history))
-        log.info("%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f", data.name,
-                 group.strategy, group.fraction, seed, len(subsets[seed]),
-                 outcome.test_acc)  # fmt: skip
+            "target": data.name,
+            "strategy": group.strategy,
+            "fraction": group.fraction,
+            "seed": seed,
+            "n_labels": len(subsets[seed]),
+            "lr": np.nan,
+            "l2": np.nan,
+            "val_acc": outcome.val_acc,
+            "test_acc": outcome.test_acc,
+            "best_epoch": outcome.best_epoch,
+            "epochs_run": len(chosen.history) if chosen else 0,
+        } | outcome.hparams
+        curves = [dataclasses.asdict(curve) for curve in outcome.curves]
+        history, epoch_ends = (chosen.history, chosen.epoch_ends) if chosen else ([], [])
+        cells.append(Cell(row, history, started, ended, epoch_ends, curves))
+        log.info(
+            "%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
+            *(data.name, group.strategy, group.fraction, seed, len(subsets[seed])),
+            outcome.test_acc,
+        )
     return cells
 
 
@@ -247,20 +292,25 @@ def load_target(target: str, layout: Layout) -> TargetData:
 
 
 class TargetGrid:
-    """One target's grid as a driver runs it: the data, the groups still to train, and what
-    becomes of their cells. The driver is this module's `finetune` (one group after another)
-    or the Prefect flow (groups in parallel on its task runner); both end the same way."""
+    """One target's grid: its data, the groups still to train, and what becomes of their cells:
+    kept in the progress file and recorded as they come back, then the results table."""
 
     def __init__(self, params: Params, target: str, layout: Layout):
         files.check_writable(layout.results(target).parent)
         self.target, self.layout = target, layout
         self.data = load_target(target, layout)
-        self.progress = Progress(layout.finetune_progress(target),
-                                 _fingerprint(params, target, layout))  # fmt: skip
+        self.inputs = data_files(target, layout)
+        # a saved progress file is resumed only by a run of the same declared deps (dvc.yaml)
+        fingerprint = contracts.fingerprint("finetune", params, layout.root, target)
+        self.progress = Progress(layout.finetune_progress(target), fingerprint)
         cfg = params.finetune
         strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")  # the table's order
-        self.order = [(strategy, fraction, seed) for strategy in strategies
-                      for fraction in cfg.fractions for seed in cfg.seeds]  # fmt: skip
+        self.order = [
+            (strategy, fraction, seed)
+            for strategy in strategies
+            for fraction in cfg.fractions
+            for seed in cfg.seeds
+        ]
         # the groups not finished yet, the most labels (the longest) first: parallel workers
         # then end together rather than one waiting for the last big group
         self.groups = [
@@ -269,39 +319,120 @@ class TargetGrid:
             for strategy in strategies
             if any((strategy, fraction, seed) not in self.progress.cells for seed in cfg.seeds)
         ]
+        self.stage = Recorder()
+        self.records: dict[tuple[str, float, int], Recorder] = {}  # cell key -> its record
+        self.gains_recorded: set[tuple[str, float, int]] = set()
 
-    def stage_run(self, parent: Run) -> Run:
-        """The target's MLflow stage run (open until `finish`)."""
+    def open(self, parent: Recorder) -> None:
+        """Open the target's stage record under `parent`, and record the cells a stopped
+        execution finished before (resumed from the progress file)."""
         tags = {"stage": "finetune", "target": self.target}
-        inputs = data_files(self.target, self.layout)
-        return parent.child(f"finetune {self.target}", tags=tags, inputs=inputs)
+        self.stage = parent.child(f"finetune {self.target}", tags=tags, inputs=self.inputs)
+        self._record(list(self.progress.cells.values()))
 
     def add(self, cells: list[Cell]) -> None:
-        """A finished group: kept in the progress file, so that a rerun does not redo it."""
+        """A finished group: kept in the progress file (a rerun does not redo it) and recorded."""
         self.progress.add(cells)
+        self._record(cells)
 
-    def finish(self, stage: Run) -> pd.DataFrame:
-        """Record every cell in MLflow and write the results table (the grid must be done)."""
-        cells = [self.progress.cells[key] for key in self.order]
-        scratch = {(c.row["fraction"], c.row["seed"]): c.row["test_acc"]
-                   for c in cells if c.row["strategy"] == "scratch"}  # fmt: skip
-        inputs = data_files(self.target, self.layout)
+    def _record(self, cells: list[Cell]) -> None:
         for cell in cells:
-            gain = cell.row["test_acc"] - scratch[cell.row["fraction"], cell.row["seed"]]
-            _record(stage, cell, gain, inputs)
+            self.records[cell.key] = _record_cell(self.stage, cell, self.inputs)
+        # a transfer cell's gain over scratch, once the scratch run of its subset is in
+        for key, record in self.records.items():
+            strategy, fraction, seed = key
+            scratch = self.progress.cells.get(("scratch", fraction, seed))
+            if strategy == "scratch" or scratch is None or key in self.gains_recorded:
+                continue
+            gain = self.progress.cells[key].row["test_acc"] - scratch.row["test_acc"]
+            record.log(metrics={"gain_vs_scratch": gain})
+            self.gains_recorded.add(key)
+
+    def finish(self) -> pd.DataFrame:
+        """Write the results table (the grid must be done) and forget the progress file."""
+        cells = [self.progress.cells[key] for key in self.order]
         table = pd.DataFrame([c.row for c in cells], columns=RESULT_COLUMNS)
         files.write_text(self.layout.results(self.target), table.to_csv(index=False))
         self.progress.path.unlink(missing_ok=True)  # done: the next run starts afresh
         return table
 
 
-def finetune(params: Params, target: str, layout: Layout, run: Run) -> pd.DataFrame:
-    """Run the grid for one target, one group after another, and write its results table."""
-    grid = TargetGrid(params, target, layout)
-    with grid.stage_run(run) as stage:
+class Future(Protocol):
+    def result(self) -> list[Cell]: ...
+
+
+Submit = Callable[[TargetData, Group], Future]  # start training a group somewhere
+Wait = Callable[[list[Future]], Iterator[Future]]  # futures in the order they finish
+
+
+class Fanout:
+    """The one fine-tuning driver. Groups go to `submit` (a thread, Prefect's task runner, Dask
+    workers); each that comes back is kept and recorded at once, whatever its target, and a
+    target is finished (its table, and `on_finished`, e.g. recording it in DVC) when its last
+    group is back. A failed target does not stop the others."""
+
+    def __init__(
+        self,
+        submit: Submit,
+        wait: Wait = concurrent.futures.as_completed,
+        on_finished: Callable[[str], None] = lambda target: None,
+    ):
+        self.submit, self.wait, self.on_finished = submit, wait, on_finished
+        self.grids: dict[str, TargetGrid] = {}
+        self.owner: dict[Future, str] = {}
+        self.left: dict[str, int] = {}
+        self.errors: dict[str, Exception] = {}
+        self.tables: dict[str, pd.DataFrame] = {}
+
+    def add(self, grid: TargetGrid, parent: Recorder) -> None:
+        """Open the grid's records and submit its groups."""
+        grid.open(parent)
+        self.grids[grid.target] = grid
+        self.left[grid.target] = len(grid.groups)
         for group in grid.groups:
-            grid.add(train_group(grid.data, params, group))
-        return grid.finish(stage)
+            self.owner[self.submit(grid.data, group)] = grid.target
+        if not grid.groups:  # every group was done before a restart
+            self._finish(grid.target)
+
+    def fail(self, target: str, err: Exception) -> None:
+        """A target that failed before its groups were submitted (e.g. extraction)."""
+        self.errors.setdefault(target, err)
+
+    def collect(self) -> list[Exception]:
+        """Wait for every group; returns each failed target's first error."""
+        for future in self.wait(list(self.owner)):
+            target = self.owner[future]
+            try:
+                self.grids[target].add(future.result())
+            except Exception as err:
+                self.errors.setdefault(target, err)
+            self.left[target] -= 1
+            if self.left[target] == 0:
+                self._finish(target)
+        return list(self.errors.values())
+
+    def _finish(self, target: str) -> None:
+        grid = self.grids[target]
+        try:
+            with grid.stage:  # FAILED if a group failed
+                if target in self.errors:
+                    raise self.errors[target]
+                self.tables[target] = grid.finish()
+            self.on_finished(target)
+        except Exception as err:
+            self.errors.setdefault(target, err)
+
+
+def finetune(params: Params, target: str, layout: Layout, recorder: Recorder) -> pd.DataFrame:
+    """Run the grid for one target, one group after another, and write its results table.
+    The groups train in a thread of their own, so that each is recorded as it finishes."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        fanout = Fanout(lambda data, group: pool.submit(train_group, data, params, group))
+        fanout.add(TargetGrid(params, target, layout), recorder)
+        errors = fanout.collect()
+    if errors:
+        raise errors[0]
+    return fanout.tables[target]
 
 
 class Progress:
@@ -312,20 +443,27 @@ class Progress:
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
         self.cells: dict[tuple[str, float, int], Cell] = {}
-        saved = json.loads(path.read_text()) if path.exists() else {}
+        saved = _read_json(path)
         if saved.get("fingerprint") == fingerprint:
-            for cell in saved["cells"]:
-                self._keep(Cell(cell["row"], cell["history"]))
+            self._keep(Cell(**cell) for cell in saved["cells"])
             log.info("resuming %s: %d grid cells already finished", path, len(self.cells))
 
-    def _keep(self, cell: Cell) -> None:
-        self.cells[cell.key] = cell
+    def _keep(self, cells: Iterable[Cell]) -> None:
+        for cell in cells:
+            self.cells[cell.key] = cell
 
     def add(self, cells: list[Cell]) -> None:
-        for cell in cells:
-            self._keep(cell)
-        saved = [{"row": c.row, "history": c.history} for c in self.cells.values()]
+        self._keep(cells)
+        saved = [dataclasses.asdict(c) for c in self.cells.values()]
         files.write_json(self.path, {"fingerprint": self.fingerprint, "cells": saved})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A progress file, or nothing when there is none or it cannot be read (start afresh)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def data_files(target: str, layout: Layout) -> list[Path]:
@@ -334,35 +472,47 @@ def data_files(target: str, layout: Layout) -> list[Path]:
     return inputs + [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
 
 
-def _fingerprint(params: Params, target: str, layout: Layout) -> str:
-    """What the target's grid depends on: params, inputs and the code that trains."""
-    inputs = data_files(target, layout)
-    code = [Path(__file__).with_name(name) for name in CODE]
-    config = {k: getattr(params, k).model_dump(mode="json") for k in ("finetune", "runtime")}
-    return files.fingerprint({**config, "torch": torch.__version__}, [*inputs, *code])
-
-
-def _record(stage: Run, cell: Cell, gain: float, inputs: list[Path]) -> None:
-    """One MLflow run per grid cell: filter on target and fraction to see transfer by scratch."""
+def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path]) -> Recorder:
+    """One finished run per grid cell (filter on target and fraction to see transfer beside
+    scratch), timed as its training was, and below it one run per learning rate tried, the
+    chosen one tagged `chosen=true`."""
     row = cell.row
     transfer = row["strategy"] != "scratch"
     name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
-    tags = {"target": row["target"], "strategy": row["strategy"],
-            "kind": "transfer" if transfer else "scratch"}  # fmt: skip
-    with stage.child(name, tags=tags, inputs=inputs) as child:
-        keys = ["target", "strategy", "fraction", "seed", "n_labels"]
-        chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
-        child.log(
-            params={k: row[k] for k in keys + chosen},
-            # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
-            metrics={"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]}
-            | ({"gain_vs_scratch": gain} if transfer else {}),
+    tags = {
+        **{"target": row["target"], "strategy": row["strategy"]},
+        "kind": "transfer" if transfer else "scratch",
+    }
+    keys = ["target", "strategy", "fraction", "seed", "n_labels"]
+    chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
+    record = stage.finished(
+        name,
+        cell.started,
+        cell.ended,
+        tags=tags,
+        params={k: row[k] for k in keys + chosen},
+        # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
+        metrics={"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]},
+        history=cell.history,
+        epoch_ends=cell.epoch_ends,
+        inputs=inputs,
+    )
+    for curve in cell.curves:
+        record.finished(
+            f"{name}/lr{curve['lr']:g}",
+            cell.started,
+            curve["epoch_ends"][-1] if curve["epoch_ends"] else cell.ended,
+            tags={"kind": "lr_curve", "chosen": str(curve["lr"] == row["lr"]).lower()},
+            params={"lr": curve["lr"]},
+            metrics={"best/val_acc": curve["val_acc"], "best_epoch": curve["best_epoch"]},
+            history=curve["history"],
+            epoch_ends=curve["epoch_ends"],
         )
-        child.log_history(cell.history)
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, finetune, argv, per_target=True)
+    stage_command(__doc__, finetune, argv, per_target=True)
 
 
 if __name__ == "__main__":

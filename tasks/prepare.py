@@ -6,33 +6,31 @@ import logging
 
 import numpy as np
 
-from tasks.cli import run_stage
 from tasks.config.params import Params
 from tasks.data.datasets import SPLITS, save_splits
-from tasks.data.sources import build_splits
-from tasks.recording.tracking import Run
-from tasks.workspace.layout import Layout
+from tasks.data.sources import build_splits, datasets
+from tasks.frame import stage_command
+from tasks.recording.recorder import Recorder
 from tasks.workspace import files
+from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
 
 
-def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int]]:
+def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dict[str, int]]:
     """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes."""
-    datasets = {"source": params.source, **params.targets}
+    named = datasets(params)
     root = layout.prepared("source").parent
     files.check_writable(root)
     sizes = {}
-    user_files = [spec.path for spec in datasets.values() if spec.path is not None]
-    with run.child("prepare", tags={"stage": "prepare"}, inputs=user_files) as stage:
+    user_files = [spec.path for spec, _ in named.values() if spec.path is not None]
+    with recorder.child("prepare", tags={"stage": "prepare"}, inputs=user_files) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
-        built = {}
-        for name, spec in datasets.items():
-            where = "source" if name == "source" else f"targets.{name}"
-            origin = spec.path or spec.kind  # a user's file is named in any error
-            built[name] = build_splits(spec, params.split, where=f"{where} ({origin})")
+        built = {
+            name: build_splits(spec, params.split, where) for name, (spec, where) in named.items()
+        }
         for name, (splits, classes) in built.items():
-            spec = datasets[name]
+            spec = named[name][0]
             sizes[name] = {split: len(splits[split]) for split in SPLITS}
             meta = {
                 "name": name,
@@ -47,16 +45,16 @@ def prepare(params: Params, layout: Layout, run: Run) -> dict[str, dict[str, int
             }
             save_splits(layout.prepared(name), splits, meta)
             log.info("prepared %s: %s", name, sizes[name])
-        files.prune(root, keep=set(datasets))  # datasets no longer in params
+        files.prune(root, keep=set(named))  # datasets no longer in params
         stage.log(
-            params={"datasets": ",".join(datasets)},
+            params={"datasets": ",".join(named)},
             metrics={f"{n}/{s}_size": v for n, split in sizes.items() for s, v in split.items()},
         )
     return sizes
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_stage(__doc__, prepare, argv)
+    stage_command(__doc__, prepare, argv)
 
 
 if __name__ == "__main__":

@@ -7,27 +7,21 @@ from pathlib import Path
 
 import torch
 
-from tasks.cli import fail, run_stage
 from tasks.config.params import Params
 from tasks.data.datasets import load_meta, load_split
+from tasks.frame import stage_command
 from tasks.learning import distributed
 from tasks.learning.train import DeviceData, Resume, Shard, evaluate, fit
 from tasks.models.classifier import Classifier, architecture, build_classifier, save_checkpoint
 from tasks.recording.lineage import input_tags
-from tasks.recording.tracking import MODEL_ALIAS, Run
+from tasks.recording.recorder import Recorder
+from tasks.workspace import contracts, files
 from tasks.workspace.layout import Layout
-from tasks.workspace import files
 
 log = logging.getLogger(__name__)
-# The modules whose code decides the pretrained weights (part of the resume fingerprint).
-CODE = [
-    Path(__file__).with_name(name)
-    for name in ("pretrain.py", "train.py", "models.py", "runtime.py", "datasets.py",
-                 "distributed.py")
-]  # fmt: skip
 
 
-def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
+def pretrain(params: Params, layout: Layout, recorder: Recorder) -> dict[str, float]:
     """Train on source train/val; write the self-describing checkpoint and its metrics.
 
     With `pretrain.processes` > 1, the stage runs itself again under torchrun as that many
@@ -35,16 +29,16 @@ def pretrain(params: Params, layout: Layout, run: Run) -> dict[str, float]:
     """
     if params.pretrain.processes > 1 and not distributed.is_worker():
         files.check_writable(layout.checkpoint.parent)  # before any process starts
-        return distributed.launch(params, layout, run)
+        return distributed.launch(params, layout, recorder)
     with distributed.ranks(params) as (device, shard):
-        return _pretrain(params, layout, run, device, shard)
+        return _pretrain(params, layout, recorder, device, shard)
 
 
 def _pretrain(
-    params: Params, layout: Layout, run: Run, device: torch.device, shard: Shard
+    params: Params, layout: Layout, recorder: Recorder, device: torch.device, shard: Shard
 ) -> dict[str, float]:
     """This process's pretraining: all of it, or one rank's share; rank 0 writes and records
-    (the other ranks are handed a run that records nothing)."""
+    (the other ranks are handed a recorder that records nothing)."""
     cfg = params.pretrain
     if shard.rank == 0:
         files.check_writable(layout.checkpoint.parent)
@@ -55,7 +49,7 @@ def _pretrain(
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
 
     inputs = [source / "train.npz", source / "val.npz"]
-    with run.child("pretrain", tags={"stage": "pretrain"}, inputs=inputs) as stage:
+    with recorder.child("pretrain", tags={"stage": "pretrain"}, inputs=inputs) as stage:
         stage.log(
             params={**cfg.model_dump(), **arch, "device": device.type, "n_train": len(train)}
         )
@@ -64,7 +58,10 @@ def _pretrain(
             stage.log(metrics=metrics, step=epoch)  # one batched request per epoch
             log.info("pretrain epoch %d: %s", epoch, _fmt(metrics))
 
-        resume = Resume(layout.pretrain_state, _fingerprint(params, source))
+        # a saved state is resumed only by a run of the same declared deps (dvc.yaml)
+        resume = Resume(
+            layout.pretrain_state, contracts.fingerprint("pretrain", params, layout.root)
+        )
         result = fit(
             model,
             [{"params": model.parameters(), "lr": cfg.lr}],
@@ -97,7 +94,7 @@ def _write(
     model: Classifier,
     meta: dict,
     summary: dict[str, float],
-    stage: Run,
+    stage: Recorder,
     inputs: list[Path],
 ) -> None:
     """Rank 0's part: write the checkpoint and its metrics (`inputs`: the source files read),
@@ -115,23 +112,17 @@ def _write(
     written = input_tags(layout.root, [layout.checkpoint])
     stage.log(metrics={"best/val_acc": summary["val_acc"]}, tags=written)
     version = stage.register_model(
-        model.cpu(), load_split(layout.prepared("source"), "val").x[:2], params.registered_model,
-        tags={**input_tags(layout.root, inputs), **written,
-              "val_acc": f"{summary['val_acc']:.6f}"},
-    )  # fmt: skip
-    if version is not None:
-        log.info("registered %s version %s (alias %s)", params.registered_model, version,
-                 MODEL_ALIAS)  # fmt: skip
-
-
-def _fingerprint(params: Params, source: Path) -> str:
-    """What pretraining's result depends on: its params, the source data and the code that
-    trains; a saved state with another fingerprint is not resumed."""
-    config = {k: getattr(params, k).model_dump(mode="json") for k in ("model", "pretrain",
-                                                                   "runtime")}  # fmt: skip
-    return files.fingerprint(
-        {**config, "torch": torch.__version__}, [source / "train.npz", source / "val.npz", *CODE]
+        model.cpu(),
+        load_split(layout.prepared("source"), "val").x[:2],
+        params.registered_model,
+        tags={
+            **input_tags(layout.root, inputs),
+            **written,
+            "val_acc": f"{summary['val_acc']:.6f}",
+        },
     )
+    if version is not None:
+        log.info("registered %s version %s", params.registered_model, version)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -140,12 +131,9 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     if distributed.is_worker():  # one rank, under torchrun
-        distributed.worker_main(__doc__, pretrain, argv)
-        return
-    try:
-        run_stage(__doc__, pretrain, argv)
-    except distributed.LaunchError as err:  # the ranks printed their errors
-        fail(err)
+        distributed.rank_command(__doc__, pretrain, argv)
+    else:
+        stage_command(__doc__, pretrain, argv)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,11 @@ def run_command(
 ) -> subprocess.CompletedProcess:
     """Run a command as a user would, with this interpreter's environment first on PATH."""
     # git needs an identity for `dvc exp run`, which CI's machine may not have configured
-    identity = {f"GIT_{who}_{what}": value for who in ("AUTHOR", "COMMITTER")
-                for what, value in (("NAME", "test"), ("EMAIL", "test@example.com"))}  # fmt: skip
+    identity = {
+        f"GIT_{who}_{what}": value
+        for who in ("AUTHOR", "COMMITTER")
+        for what, value in (("NAME", "test"), ("EMAIL", "test@example.com"))
+    }
     env = {**identity, **os.environ, **(env or {})}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("PYTHONPATH", None)

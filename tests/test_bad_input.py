@@ -55,9 +55,12 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
     [
         (lambda d: d["finetune"].update(sedds=[1]), "finetune.sedds: unknown key"),
         (lambda d: d["pretrain"].update(lr="fast"), "pretrain.lr: Input should be a valid number"),
-        (lambda d: d["targets"].update(mine={"kind": "npz", "path": "data/raw/none.npz"}), "targets.mine.path: file 'data/raw/none.npz' does not exist"),
+        (
+            lambda d: d["targets"].update(mine={"kind": "npz", "path": "data/raw/none.npz"}),
+            "targets.mine.path: file 'data/raw/none.npz' does not exist",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_params_are_refused_before_any_work(workspace: Path, edit, message: str) -> None:
     bad = edit_params(workspace, edit)
     before = digest(workspace)
@@ -94,8 +97,9 @@ def test_bad_overrides_on_the_command_line_and_through_dvc(workspace: Path) -> N
     )
     # `dvc exp run -S` writes the value into params.yaml, then the stage refuses it; the
     # outputs persist (dvc.yaml), so DVC does not delete them first either.
-    dvc = run_command(["python", "-m", "dvc", "exp", "run", "-S", "finetune.max_epochs=0"],
-                      cwd=workspace)  # fmt: skip
+    dvc = run_command(
+        ["python", "-m", "dvc", "exp", "run", "-S", "finetune.max_epochs=0"], cwd=workspace
+    )
     assert dvc.returncode != 0
     assert "params.yaml: finetune.max_epochs: Input should be greater than 0" in dvc.stderr
     assert digest(workspace) == before
@@ -112,7 +116,7 @@ def write_npz(path: Path, **arrays) -> None:
         ({"y": np.zeros(90, int)}, "missing array 'x'"),
         ({"x": np.zeros((90, 8)), "y": np.r_[np.zeros(88, int), 1, 1]}, "class 1 has 2 examples"),
     ],
-)  # fmt: skip
+)
 def test_bad_user_data_is_named_and_changes_nothing(workspace: Path, arrays, problem: str) -> None:
     write_npz(workspace / "data/raw/mine.npz", **arrays)
     edit = {"kind": "npz", "path": "data/raw/mine.npz"}
@@ -128,8 +132,9 @@ def test_bad_user_data_is_named_and_changes_nothing(workspace: Path, arrays, pro
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip"])
 def test_empty_or_corrupt_npz(workspace: Path, content: bytes) -> None:
     (workspace / "data/raw/mine.npz").write_bytes(content)
-    edit_params(workspace, lambda d: d["targets"].update(
-        mine={"kind": "npz", "path": "data/raw/mine.npz"}))  # fmt: skip
+    edit_params(
+        workspace, lambda d: d["targets"].update(mine={"kind": "npz", "path": "data/raw/mine.npz"})
+    )
     result = run_command(["python", "-m", "tasks.prepare", "--params", "bad.yaml"], cwd=workspace)
     assert result.returncode == 1
     assert "data/raw/mine.npz: " in one_line_error(result)
@@ -151,13 +156,17 @@ def test_damaged_checkpoint_is_refused_by_name(workspace: Path, damage: str) -> 
         payload["arch"]["channels"] = [16, 16]  # declares an architecture it does not hold
         torch.save(payload, checkpoint)
     else:
-        torch.save({"format": 1, "arch": {}, "num_classes": 2, "state_dict": _Exploit()},
-                   checkpoint)  # fmt: skip
+        torch.save(
+            {"format": 1, "arch": {}, "num_classes": 2, "state_dict": _Exploit()}, checkpoint
+        )
     before = digest(workspace)
     result = run_command(["python", "-m", "tasks.extract", "--target", "shifted"], cwd=workspace)
     assert result.returncode == 1
-    expected = {"truncate": "truncated or corrupt", "foreign": "weights do not fit",
-                "malicious": "refused to load"}[damage]  # fmt: skip
+    expected = {
+        "truncate": "truncated or corrupt",
+        "foreign": "weights do not fit",
+        "malicious": "refused to load",
+    }[damage]
     assert one_line_error(result).startswith("error: data/checkpoints/backbone.pt: ")
     assert expected in result.stderr
     assert not (workspace / "pwned").exists()  # the pickle's code never ran
@@ -178,11 +187,26 @@ def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(  # its own process group: mlflow server starts uvicorn under it
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         client = MlflowClient(uri)
         for _ in range(120):
@@ -208,8 +232,11 @@ def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path
         (workspace / "data/results/shifted.csv").unlink()
         watcher = threading.Thread(target=kill_when_finetune_starts)
         watcher.start()
-        result = run_command(["python", "-m", "tasks.finetune", "--target", "shifted"],
-                             cwd=workspace, env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+        result = run_command(
+            ["python", "-m", "tasks.finetune", "--target", "shifted"],
+            cwd=workspace,
+            env={"MLFLOW_TRACKING_URI": uri},
+        )
         watcher.join()
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -223,8 +250,11 @@ def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path
 
 def mount_tmpfs(path: Path, options: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
-                          capture_output=True, check=False)  # fmt: skip
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
 
@@ -244,8 +274,9 @@ def test_unwritable_or_full_output_folder(workspace: Path, trouble: str) -> None
         else:
             subprocess.run(["mount", "-o", "remount,ro", str(results)], check=True)
         before = digest(workspace)
-        result = run_command(["python", "-m", "tasks.finetune", "--target", "shifted"],
-                             cwd=workspace)  # fmt: skip
+        result = run_command(
+            ["python", "-m", "tasks.finetune", "--target", "shifted"], cwd=workspace
+        )
         reason = "Read-only file system" if trouble == "read-only" else "No space left on device"
         assert result.returncode == 1
         assert one_line_error(result) == (
@@ -258,8 +289,9 @@ def test_unwritable_or_full_output_folder(workspace: Path, trouble: str) -> None
 
 
 def start(command: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(path: Path, timeout: float = 60) -> None:
@@ -352,8 +384,11 @@ def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(
     process.communicate(timeout=30)
     assert process.returncode == code and time.monotonic() - sent < 5
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.orchestrator = 'prefect'", max_results=500)  # fmt: skip
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string="tags.orchestrator = 'prefect'",
+        max_results=500,
+    )
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["KILLED"]
     assert "RUNNING" not in {r.info.status for r in runs}

@@ -21,16 +21,20 @@ def results() -> pd.DataFrame:
     """Target t: scratch and a probe at 10 and 100 labels (3 seeds), plus a finetune run that
     is better on test but worse on validation at 10 labels."""
     rows = []
-    for seed, scratch, probe, tuned in [(0, 0.50, 0.70, 0.9), (1, 0.60, 0.65, 0.9),
-                                        (2, 0.40, 0.75, 0.9)]:  # fmt: skip
+    for seed, scratch, probe, tuned in [
+        (0, 0.50, 0.70, 0.9),
+        (1, 0.60, 0.65, 0.9),
+        (2, 0.40, 0.75, 0.9),
+    ]:
         rows.append(("t", "scratch", 0.1, seed, 10, scratch, scratch))
         rows.append(("t", "linear_probe", 0.1, seed, 10, probe, probe))
         rows.append(("t", "finetune", 0.1, seed, 10, tuned, 0.1))  # val says: worse
         rows.append(("t", "scratch", 1.0, seed, 100, 0.9, 0.9))
         rows.append(("t", "linear_probe", 1.0, seed, 100, 0.8 + 0.01 * seed, 0.8))
         rows.append(("t", "finetune", 1.0, seed, 100, 0.9, 0.9))
-    return pd.DataFrame(rows, columns=["target", "strategy", "fraction", "seed", "n_labels",
-                                       "test_acc", "val_acc"])  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["target", "strategy", "fraction", "seed", "n_labels", "test_acc", "val_acc"]
+    )
 
 
 def cell(table: pd.DataFrame, strategy: str, fraction: float) -> pd.Series:
@@ -70,8 +74,16 @@ def test_effective_data_multiplier_on_the_scratch_curve() -> None:
 
 
 def test_required_columns_come_first() -> None:
-    required = ["target", "strategy", "fraction", "n_labels", "n_seeds", "test_acc_mean",
-                "test_acc_std", "gain_vs_scratch"]  # fmt: skip
+    required = [
+        "target",
+        "strategy",
+        "fraction",
+        "n_labels",
+        "n_seeds",
+        "test_acc_mean",
+        "test_acc_std",
+        "gain_vs_scratch",
+    ]
     assert list(summarise(results()).columns[: len(required)]) == required
 
 

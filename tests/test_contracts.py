@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import ast
 import importlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from dvc.repo import Repo
+from pydantic import BaseModel
 
-from flows import pipeline
 from tasks.config.params import Params, load_params
 from tasks.workspace.layout import Layout
 from tests.helpers import REPO
 
+try:  # the stages' no-op recorder, under its new name or its old one
+    from tasks.recording.recorder import Recorder as NoRecorder
+except ImportError:  # pragma: no cover - before the rename
+    from tasks.recording.tracking import NullRun as NoRecorder
+
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 STAGES = ["prepare", "pretrain", "extract", "finetune", "compare"]
+PER_TARGET = {"extract", "finetune"}
 KEY = "${key}"
 
 
@@ -41,18 +50,31 @@ def test_every_output_persists_while_its_stage_runs() -> None:
                 assert isinstance(entry, dict) and next(iter(entry.values()))["persist"], entry
 
 
+def flow_tasks() -> Any:
+    """The module that defines the Prefect flow's stage tasks (flows/study.py, formerly
+    flows/pipeline.py)."""
+    for name in ("flows.study", "flows.pipeline"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if hasattr(module, "prepare_task"):
+            return module
+    raise AssertionError("no flow module defines the stage tasks")
+
+
 def test_stage_name_is_module_is_function_and_the_flow_runs_the_same_function() -> None:
     assert list(DVC) == STAGES
+    pipeline = flow_tasks()
     for stage in STAGES:
         assert body(stage)["cmd"].startswith(f"python -m tasks.{stage}")
         module = importlib.import_module(f"tasks.{stage}")
         assert callable(getattr(module, stage)) and callable(module.main)
-        assert f"tasks/{stage}.py" in body(stage)["deps"] or stage == "compare"
+        assert f"tasks/{stage}.py" in body(stage)["deps"]
         if stage == "finetune":  # the flow runs its groups; the same functions drive both
             assert pipeline.train_group_task.fn is module.train_group
         else:
             assert getattr(pipeline, f"{stage}_task").fn is getattr(module, stage)
-    assert "tasks/compare.py" in body("compare")["deps"]
 
 
 def test_outputs_are_the_layout_paths() -> None:
@@ -91,50 +113,307 @@ def rel_in(path: Path, deps: list[str]) -> bool:
     return path.as_posix() in deps
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_declared_params_are_sections_of_the_schema(stage: str) -> None:
-    for key in body(stage).get("params", []):
-        assert key.split(".")[0] in Params.model_fields, key
-
-
 def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
     params = load_params(REPO / "params.yaml")
     with Repo(str(REPO)) as repo:
         names = {stage.addressing for stage in repo.index.stages}
-    per_target = {f"{s}@{t}" for s in ("extract", "finetune") for t in params.targets}
+    per_target = {f"{s}@{t}" for s in PER_TARGET for t in params.targets}
     assert names == {"prepare", "pretrain", "compare"} | per_target
-
-
-# Modules that do not change what a stage writes: where files go, MLflow records, the CLI frame.
-NOT_OUTPUT_RELEVANT = {"tasks/workspace/layout.py", "tasks/recording/tracking.py", "tasks/cli.py", "tasks/recording/lineage.py",
-                       "tasks/workspace/lock.py"}  # fmt: skip
-
-
-def imported_task_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
-    """`path` and every tasks/*.py it imports, transitively (read from the source, not run),
-    except through the modules that do not change outputs."""
-    seen = set() if seen is None else seen
-    seen.add(path)
-    for node in ast.walk(ast.parse((REPO / path).read_text())):
-        names = []
-        if isinstance(node, ast.ImportFrom) and node.module == "tasks":
-            names = [f"tasks/{alias.name}.py" for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks."):
-            names = [node.module.replace(".", "/") + ".py"]
-        for name in map(Path, names):
-            relevant = name.as_posix() not in NOT_OUTPUT_RELEVANT
-            if relevant and name not in seen and (REPO / name).is_file():
-                imported_task_modules(name, seen)
-    return seen
-
-
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
-    needed = {p.as_posix() for p in imported_task_modules(Path(f"tasks/{stage}.py"))}
-    declared = {d for d in body(stage)["deps"] if d.startswith("tasks/")}
-    assert needed == declared
 
 
 def test_user_data_folder_is_a_prepare_dependency() -> None:
     assert "data/raw" in body("prepare")["deps"]
     assert (REPO / "data" / "raw").is_dir()
+
+
+# --- code: every module a stage runs is a dependency --------------------------------------------
+
+# Modules that do not change what a stage writes: where files go, the workspace lock, the
+# records (MLflow), the execution frame (tasks/cli.py before it), and contracts.py, which only
+# decides whether a saved state is resumed. Empty __init__.py files (a docstring at most) are
+# left out as well.
+NOT_OUTPUT_RELEVANT = {
+    "tasks/workspace/layout.py",
+    "tasks/workspace/lock.py",
+    "tasks/workspace/contracts.py",
+    "tasks/frame.py",
+    "tasks/cli.py",
+}
+NOT_OUTPUT_RELEVANT_FOLDERS = ("tasks/recording/",)
+
+
+def output_relevant(path: Path) -> bool:
+    name = path.as_posix()
+    return name not in NOT_OUTPUT_RELEVANT and not name.startswith(NOT_OUTPUT_RELEVANT_FOLDERS)
+
+
+def module_file(dotted: str) -> Path | None:
+    """The file of module `dotted` under the repo (a package's __init__.py), if it is ours."""
+    base = Path(*dotted.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if (REPO / candidate).is_file():
+            return candidate
+    return None
+
+
+def is_empty(path: Path) -> bool:
+    """No code: nothing, or a docstring alone."""
+    statements = ast.parse((REPO / path).read_text()).body
+    return not statements or (
+        len(statements) == 1
+        and isinstance(statements[0], ast.Expr)
+        and isinstance(statements[0].value, ast.Constant)
+    )
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names of the modules that `path` imports, anywhere in it: `import a.b`, `from a.b
+    import c` (module c, or a name of a.b), relative imports, and the packages above each."""
+    package = path.parent.parts  # what a relative import starts from
+    found: set[str] = set()
+    for node in ast.walk(ast.parse((REPO / path).read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            for alias in node.names:
+                submodule = f"{module}.{alias.name}"
+                found.add(submodule if module_file(submodule) else module)
+    # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+    parents = {
+        ".".join(name.split(".")[:i]) for name in found for i in range(1, name.count(".") + 1)
+    }
+    return found | parents
+
+
+def imported_task_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """`path` and every tasks/ module it imports, transitively (read from the source, not run),
+    except through the modules that do not change outputs."""
+    seen = set() if seen is None else seen
+    seen.add(path)
+    for dotted in imported_modules(path):
+        file = module_file(dotted)
+        ours = file is not None and file.parts[0] == "tasks" and output_relevant(file)
+        if ours and file not in seen:
+            imported_task_modules(file, seen)
+    return seen
+
+
+def test_module_resolution_covers_every_import_form() -> None:
+    """The forms the stages use: `from tasks.workspace import files` names a module, `from
+    tasks.data.datasets import X` a name in one; both reach the module's file."""
+    found = imported_task_modules(Path("tasks/extract.py"))
+    assert {
+        Path("tasks/workspace/files.py"),
+        Path("tasks/learning/runtime.py"),
+        Path("tasks/data/datasets.py"),
+        Path("tasks/config/params.py"),
+    } <= found
+    assert Path("tasks/learning/__init__.py") in found  # packages run their __init__ first
+    assert module_file("tasks.workspace") == Path("tasks/workspace/__init__.py")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_module_a_stage_runs_is_a_dependency(stage: str) -> None:
+    needed = {
+        p.as_posix() for p in imported_task_modules(Path(f"tasks/{stage}.py")) if not is_empty(p)
+    }
+    declared = {d for d in body(stage)["deps"] if d.startswith("tasks/")}
+    assert needed == declared
+
+
+# --- params: every key a stage reads is declared, and only those --------------------------------
+
+# Keys that only name records (MLflow experiment and model) or steer Prefect: no output depends
+# on them, so no stage declares them, even where a stage reads them.
+NOT_OUTPUT_PARAMS = ("experiment", "registered_model", "flow")
+
+
+def schema_has(key: str) -> bool:
+    """Whether dotted `key` names a field of Params, walking nested models (a mapping of
+    models, such as targets, is one value: its keys are names, not schema)."""
+    model: Any = Params
+    for part in key.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return False
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return True
+
+
+def covers(declared: str, read: str) -> bool:
+    """A declared key covers the reads of itself and of everything below it."""
+    return read == declared or read.startswith(f"{declared}.")
+
+
+def declared_params(stage: str) -> list[str]:
+    return list(body(stage).get("params", []))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_declared_params_are_keys_of_the_schema(stage: str) -> None:
+    keys = declared_params(stage)
+    assert keys and len(set(keys)) == len(keys), keys
+    for key in keys:
+        assert schema_has(key), f"{stage}: {key} is not a params key"
+        assert not any(covers(top, key) for top in NOT_OUTPUT_PARAMS), key
+        assert not any(covers(other, key) for other in keys if other != key), f"{key} twice"
+
+
+def test_schema_walk_tells_keys_from_non_keys() -> None:
+    assert all(
+        map(
+            schema_has,
+            [
+                "runtime",
+                "runtime.threads",
+                "pretrain.lr",
+                "targets",
+                "source.generator",
+                "finetune.probe_l2",
+            ],
+        )
+    )
+    assert not any(
+        map(
+            schema_has,
+            [
+                "runtime.thread",
+                "pretrain.lr.x",
+                "nothing",
+                "targets.shifted",
+                "source.generator.seed",
+            ],
+        )
+    )
+
+
+class Reads:
+    """The dotted params keys read through `Tracked` stand-ins."""
+
+    # Reads made while computing a resume fingerprint are left out: that reads the declared
+    # keys by construction (tasks/workspace/contracts.py; the stages' `_fingerprint` until
+    # they call it), and is checked against dvc.yaml in tests/test_stage_contracts.py.
+    IGNORED_MODULES = ("tasks.workspace.contracts",)
+    IGNORED_FUNCTIONS = ("_fingerprint",)
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def add(self, key: str) -> None:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if (
+                frame.f_globals.get("__name__") in self.IGNORED_MODULES
+                or frame.f_code.co_name in self.IGNORED_FUNCTIONS
+            ):
+                return
+            frame = frame.f_back
+        self.keys.add(key)
+
+
+class Tracked:
+    """Stands in for a params model and records every dotted key read through it. A nested
+    model comes back as another stand-in; a value (number, list, mapping) is recorded and
+    returned as it is. Anything else done with a model (model_dump, iteration, a property,
+    comparison, printing) may use any of its fields, so it records all of them."""
+
+    __slots__ = ("_model", "_path", "_reads")
+
+    def __init__(self, model: BaseModel, path: str, reads: Reads) -> None:
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_reads", reads)
+
+    @property  # isinstance(stand_in, Params) holds, as the stages' type checks expect
+    def __class__(self) -> type:  # type: ignore[override]
+        return type(self._model)
+
+    def _key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def _read_all(self) -> None:
+        for key in leaf_keys(self._model, self._path):
+            self._reads.add(key)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._model, name)
+        if name not in type(self._model).model_fields:
+            self._read_all()
+            return value
+        if isinstance(value, BaseModel):
+            return Tracked(value, self._key(name), self._reads)
+        self._reads.add(self._key(name))
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"params are frozen: {self._key(name)}")
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        self._read_all()
+        return iter(self._model)
+
+    def __eq__(self, other: object) -> bool:
+        self._read_all()
+        return self._model == (other._model if isinstance(other, Tracked) else other)
+
+    def __hash__(self) -> int:
+        self._read_all()
+        return hash(self._model)
+
+    def __repr__(self) -> str:
+        self._read_all()
+        return repr(self._model)
+
+
+def leaf_keys(model: BaseModel, path: str) -> Iterator[str]:
+    """The dotted keys of every value in `model`, nested models walked."""
+    for name in type(model).model_fields:
+        key = f"{path}.{name}" if path else name
+        value = getattr(model, name)
+        yield from leaf_keys(value, key) if isinstance(value, BaseModel) else [key]
+
+
+@pytest.fixture(scope="module")
+def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """The params keys each stage reads, run in order on the tiny params (every strategy,
+    several targets), each stage with its own recording stand-in."""
+    layout = Layout(tmp_path_factory.mktemp("workspace"))
+    found = {}
+    for stage in STAGES:
+        function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
+        recorded = Reads()
+        params = Tracked(tiny_params, "", recorded)
+        for target in tiny_params.targets if stage in PER_TARGET else [None]:
+            function(params, *([target] if target else []), layout, NoRecorder())
+        found[stage] = recorded.keys
+    return found
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_params_key_a_stage_reads_is_declared(stage: str, reads) -> None:
+    """Checked by running the stage, not by reading its source: params travel as sections
+    (`cfg = params.finetune`, `runtime.configure(params.runtime)`, `fit(..., cfg)`) through
+    helpers under any name, and sections are dumped whole (the checkpoint stores the model
+    section); a stand-in that records each read sees all of it. A key the tiny run does not
+    reach (a branch its params do not take) is not seen, which the next test bounds: every
+    declared key must be read."""
+    declared = declared_params(stage)
+    read = {key for key in reads[stage] if not any(covers(t, key) for t in NOT_OUTPUT_PARAMS)}
+    undeclared = sorted(key for key in read if not any(covers(d, key) for d in declared))
+    assert not undeclared, f"{stage} reads params it does not declare in dvc.yaml: {undeclared}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_declared_params_key_is_read(stage: str, reads) -> None:
+    """A declared key that the stage does not read reruns it for nothing (runtime.compile
+    used to rerun every extract and finetune stage)."""
+    unread = [
+        key
+        for key in declared_params(stage)
+        if not any(covers(key, read) or covers(read, key) for read in reads[stage])
+    ]
+    assert not unread, f"{stage} declares params it does not read: {unread}"

@@ -41,8 +41,9 @@ def test_mnist1d_matches_the_published_generator() -> None:
 
 
 def test_fast_engine_gives_the_same_shapes_and_labels() -> None:
-    spec = DatasetSpec(kind="mnist1d", classes=[3, 8],
-                       generator={"num_samples": 300, "seed": 4, "engine": "fast"})  # fmt: skip
+    spec = DatasetSpec(
+        kind="mnist1d", classes=[3, 8], generator={"num_samples": 300, "seed": 4, "engine": "fast"}
+    )
     splits, classes = build_splits(spec, SPLIT, "t")
     assert classes == [3, 8] and sum(len(s) for s in splits.values()) == 300
     assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == np.float32

@@ -17,7 +17,8 @@ from tasks.learning.train import Shard
 from tasks.models.classifier import classifier_from_checkpoint, load_checkpoint
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.recording.tracking import PARENT_TAG, NullRun, Run
+from tasks.recording.recorder import MemoryRecorder
+from tasks.recording.tracking import PARENT_TAG
 from tasks.workspace.layout import Layout
 from tests.helpers import make_workspace, run_command
 
@@ -28,9 +29,11 @@ EPOCHS = 8
 # (patience = epochs), so both runs keep the same epoch's weights. One intra-op thread: the
 # two ranks then do not compete for the 2 cores (and single-process runs use the same count).
 OVERRIDES = [
-    f"pretrain.max_epochs={EPOCHS}", f"pretrain.patience={EPOCHS}", "pretrain.batch_size=49",
+    f"pretrain.max_epochs={EPOCHS}",
+    f"pretrain.patience={EPOCHS}",
+    "pretrain.batch_size=49",
     "runtime.threads=1",
-]  # fmt: skip
+]
 # Measured here: per-epoch train losses within 1.7e-7 of one process's, weights within 1.2e-7.
 # Not bit-equal: each rank sums its share of a batch and gloo adds the two sums, a float32
 # summation order that differs from one process's, and Adam carries the rounding along. The
@@ -42,33 +45,17 @@ LOSS_TOLERANCE = 1e-5
 WEIGHT_TOLERANCE = 1e-5
 
 
-class Recorder(NullRun):
-    """Keeps the per-epoch metrics the stage logs, instead of sending them to MLflow."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.train_loss: list[float] = []
-
-    def child(self, name: str, tags: Any = None, inputs: Any = ()) -> Run:
-        return self
-
-    def log(
-        self, params: Any = None, metrics: Any = None, tags: Any = None, step: int = 0
-    ) -> None:
-        if metrics and "train/loss" in metrics:
-            self.train_loss.append(metrics["train/loss"])
-
-
 @pytest.mark.slow  # 3 more Python processes start (torchrun, 2 ranks): 17 s, 47 s on busy cores
 def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path) -> None:
     workspace = make_workspace(tmp_path / "ws")
     layout = Layout(workspace)
     params = load_params(workspace / "params.yaml", OVERRIDES)
-    prepare(params, layout, NullRun())
-    single = Recorder()
+    prepare(params, layout, MemoryRecorder())
+    single = MemoryRecorder()
     pretrain(params, layout, single)  # processes: 1, in this process
+    single_losses = [v for _, key, v in single.children[0].history if key == "train/loss"]
     single_weights = load_checkpoint(layout.checkpoint)["state_dict"]
-    assert len(single.train_loss) == EPOCHS
+    assert len(single_losses) == EPOCHS
 
     store = f"sqlite:///{workspace / 'mlflow.db'}"
     sets = [arg for override in OVERRIDES for arg in ("--set", override)]
@@ -89,13 +76,14 @@ def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path
     assert stage.data.tags[PARENT_TAG] == parent.info.run_id
     assert {parent.info.status, stage.info.status} == {"FINISHED"}
     assert stage.data.params["processes"] == "2"
-    history = sorted(client.get_metric_history(stage.info.run_id, "train/loss"),
-                     key=lambda m: m.step)  # fmt: skip
+    history = sorted(
+        client.get_metric_history(stage.info.run_id, "train/loss"), key=lambda m: m.step
+    )
     ddp_loss = [m.value for m in history]
 
     assert len(ddp_loss) == EPOCHS
-    difference = max(abs(a - b) for a, b in zip(ddp_loss, single.train_loss, strict=True))
-    assert difference <= LOSS_TOLERANCE, (difference, ddp_loss, single.train_loss)
+    difference = max(abs(a - b) for a, b in zip(ddp_loss, single_losses, strict=True))
+    assert difference <= LOSS_TOLERANCE, (difference, ddp_loss, single_losses)
     print(f"DDP vs one process: max |train loss difference| per epoch {difference:.2e}")
 
     # the checkpoint rank 0 wrote loads as any other, with weights close to one process's

@@ -32,8 +32,10 @@ def alone(member: Member, val: DeviceData, cfg: TrainParams):
     """The member trained by itself through the ordinary loop."""
     model = copy.deepcopy(member.model)
     trainable = [p for p in model.backbone.parameters() if p.requires_grad]
-    groups = [{"params": trainable, "lr": member.lr * 0.1},
-              {"params": model.head.parameters(), "lr": member.lr}]  # fmt: skip
+    groups = [
+        {"params": trainable, "lr": member.lr * 0.1},
+        {"params": model.head.parameters(), "lr": member.lr},
+    ]
     return fit(model, groups, member.train, val, cfg, seed=member.seed), model
 
 
@@ -46,8 +48,7 @@ def test_ensemble_members_equal_separate_runs(backbone: str, frozen_blocks: int)
     members = []
     # seeds x lrs on one subset size, plus a member of another size (its own stack); lrs high
     # enough that runs plateau and stop at different epochs
-    for seed, size, lr in [(0, 48, 0.1), (0, 48, 0.03), (1, 48, 0.1), (2, 48, 0.3),
-                           (3, 80, 0.1)]:  # fmt: skip
+    for seed, size, lr in [(0, 48, 0.1), (0, 48, 0.03), (1, 48, 0.1), (2, 48, 0.3), (3, 80, 0.1)]:
         model = build_classifier(arch, 3, seed)
         model.backbone.blocks[:frozen_blocks].requires_grad_(False)
         subset = torch.randperm(96, generator=torch.Generator().manual_seed(seed))[:size]

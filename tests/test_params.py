@@ -173,10 +173,14 @@ def test_missing_params_file(tmp_path: Path) -> None:
 
 TINY_DOC = yaml.safe_load(TINY.read_text())
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-    st.lists(st.integers(-3, 12), max_size=4), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 12), max_size=4),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
 
 
 def paths(node, prefix=()):

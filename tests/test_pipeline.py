@@ -133,13 +133,20 @@ def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(load_params(workspace / "params.yaml").experiment)
-    cell = client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'transfer'",
-                              max_results=1)[0]  # fmt: skip
+    cell = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.kind = 'transfer'", max_results=1
+    )[0]
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
-    locked = next(o["md5"] for o in lock["stages"]["pretrain"]["outs"]
-                  if o["path"] == "data/checkpoints/backbone.pt")  # fmt: skip
-    result = run_command(["python", "-m", "flows.trace", cell.info.run_id], cwd=workspace,
-                         env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    locked = next(
+        o["md5"]
+        for o in lock["stages"]["pretrain"]["outs"]
+        if o["path"] == "data/checkpoints/backbone.pt"
+    )
+    result = run_command(
+        ["python", "-m", "flows.trace", cell.info.run_id],
+        cwd=workspace,
+        env={"MLFLOW_TRACKING_URI": uri},
+    )
     assert result.returncode == 0, result.stderr
     assert f"data/checkpoints/backbone.pt  {locked}  = dvc.lock" in result.stdout
     head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
@@ -176,8 +183,10 @@ def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:
     before = digest(workspace)
     result = run_command(["python", "-m", "flows.pipeline"], cwd=workspace)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert ("stages run: prepare, extract@shifted, finetune@shifted, compare; "
-            "up to date: pretrain, extract@new_classes, finetune@new_classes") in result.stderr  # fmt: skip
+    assert (
+        "stages run: prepare, extract@shifted, finetune@shifted, compare; "
+        "up to date: pretrain, extract@new_classes, finetune@new_classes"
+    ) in result.stderr
     after = digest(workspace)
     unchanged = [p for p in before if "new_classes" in p or p.startswith("data/checkpoints")]
     assert unchanged and all(after[p] == before[p] for p in unchanged)

@@ -20,16 +20,21 @@ def test_flow_pushes_to_the_remote_and_a_fresh_clone_pulls_identical_outputs(
 ) -> None:
     workspace = make_workspace(tmp_path / "ws")
     remote = tmp_path / "remote"
-    assert run_command(["python", "-m", "dvc", "remote", "add", "-d", "storage", str(remote)],
-                       cwd=workspace).returncode == 0  # fmt: skip
+    assert (
+        run_command(
+            ["python", "-m", "dvc", "remote", "add", "-d", "storage", str(remote)], cwd=workspace
+        ).returncode
+        == 0
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    flow = run_command(["python", "-m", "flows.pipeline"], cwd=workspace,
-                       env={"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    flow = run_command(
+        ["python", "-m", "flows.pipeline"], cwd=workspace, env={"MLFLOW_TRACKING_URI": uri}
+    )
     assert flow.returncode == 0, flow.stderr[-2000:]
     parent = MlflowClient(uri).search_runs(
         [e.experiment_id for e in MlflowClient(uri).search_experiments()],
         filter_string="tags.orchestrator = 'prefect' and tags.`dvc.pushed` = 'true'",
-    )  # fmt: skip
+    )
     assert len(parent) == 1
     subprocess.run([*GIT, "add", "-A"], cwd=workspace, check=True)
     subprocess.run([*GIT, "commit", "-qm", "a versioned run"], cwd=workspace, check=True)
@@ -38,8 +43,12 @@ def test_flow_pushes_to_the_remote_and_a_fresh_clone_pulls_identical_outputs(
     subprocess.run(["git", "clone", "-q", str(workspace), str(clone)], check=True)
     pulled = run_command(["python", "-m", "dvc", "pull"], cwd=clone)
     assert pulled.returncode == 0, pulled.stderr
-    for path in ("data/checkpoints/backbone.pt", "data/results/new_classes.csv",
-                 "data/results/shifted.csv", "reports/comparison.csv"):  # fmt: skip
+    for path in (
+        "data/checkpoints/backbone.pt",
+        "data/results/new_classes.csv",
+        "data/results/shifted.csv",
+        "reports/comparison.csv",
+    ):
         assert (clone / path).read_bytes() == (workspace / path).read_bytes(), path
     status = run_command(["python", "-m", "dvc", "status"], cwd=clone)
     assert "Data and pipelines are up to date." in status.stdout

@@ -36,8 +36,14 @@ def wait_until(check, timeout: float, what: str):
 
 
 def spawn(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env={**os.environ, **env}, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @pytest.fixture
@@ -46,15 +52,30 @@ def server(tmp_path: Path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     process = spawn(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-         str(port)],
-        cwd=tmp_path, log=tmp_path / "server.log",
-        env={"PREFECT_HOME": str(tmp_path / "server-home"),
-             "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        log=tmp_path / "server.log",
+        env={
+            "PREFECT_HOME": str(tmp_path / "server-home"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        },
+    )
     try:
-        wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
-                   120, "the Prefect server")  # fmt: skip
+        wait_until(
+            lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
+            120,
+            "the Prefect server",
+        )
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -64,14 +85,18 @@ def server(tmp_path: Path):
 
 def test_served_deployment_runs_queue_and_are_versioned(server: str, tmp_path: Path) -> None:
     workspace = make_workspace(tmp_path / "ws")
-    env = {"PREFECT_API_URL": server, "PREFECT_HOME": str(tmp_path / "client-home"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"}  # fmt: skip
+    env = {
+        "PREFECT_API_URL": server,
+        "PREFECT_HOME": str(tmp_path / "client-home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+    }
     served = spawn([sys.executable, "-m", "flows.serve"], workspace, env, tmp_path / "serve.log")
     try:
         with temporary_settings(updates={PREFECT_API_URL: server}):
             with get_client(sync_client=True) as client:
-                wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), 90,
-                           "the served deployment")  # fmt: skip
+                wait_until(
+                    lambda: client.read_deployment_by_name(DEPLOYMENT), 90, "the served deployment"
+                )
             first = run_deployment(DEPLOYMENT, timeout=0)
             second = run_deployment(DEPLOYMENT, timeout=0)
             with get_client(sync_client=True) as client:
@@ -96,7 +121,7 @@ def test_served_deployment_runs_queue_and_are_versioned(server: str, tmp_path: P
         [e.experiment_id for e in client.search_experiments()],
         filter_string="tags.orchestrator = 'prefect' and tags.`stages.run` != ''",
         order_by=["start_time ASC"],
-    )  # fmt: skip
+    )
     assert [p.data.tags["prefect.flow_run_id"] for p in parents] == [
         str(earlier.id),
         str(later.id),
@@ -111,7 +136,14 @@ def test_served_deployment_runs_queue_and_are_versioned(server: str, tmp_path: P
 def test_serve_refuses_to_start_without_a_server(tmp_path: Path) -> None:
     workspace = make_workspace(tmp_path / "ws")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    result = subprocess.run([sys.executable, "-m", "flows.serve"], cwd=workspace, env=env,
-                            capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.serve"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert "schedules need a Prefect server" in result.stderr.strip().splitlines()[-1]

@@ -16,21 +16,23 @@ from tasks.finetune import RESULT_COLUMNS, finetune
 from tasks.models.classifier import classifier_from_checkpoint
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
-from tasks.recording.tracking import NullRun
+from tasks.recording.recorder import MemoryRecorder
 from tasks.workspace.layout import Layout
+
+
+RECORDED = MemoryRecorder()  # what the stages recorded, kept in memory
 
 
 @pytest.fixture(scope="module")
 def done(tiny_params, tmp_path_factory) -> Layout:
-    """The tiny pipeline run stage by stage through the plain functions, without tracking."""
+    """The tiny pipeline run stage by stage through the plain functions, recording in memory."""
     layout = Layout(tmp_path_factory.mktemp("workspace"))
-    run = NullRun()
-    prepare(tiny_params, layout, run)
-    pretrain(tiny_params, layout, run)
+    prepare(tiny_params, layout, RECORDED)
+    pretrain(tiny_params, layout, RECORDED)
     for target in tiny_params.targets:
-        extract(tiny_params, target, layout, run)
-        finetune(tiny_params, target, layout, run)
-    compare(tiny_params, layout, run)
+        extract(tiny_params, target, layout, RECORDED)
+        finetune(tiny_params, target, layout, RECORDED)
+    compare(tiny_params, layout, RECORDED)
     return layout
 
 
@@ -100,5 +102,65 @@ def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -
     metrics = json.loads((done.reports / "metrics.json").read_text())
     assert set(metrics) == set(targets)
     assert set(metrics["new_classes"]["lp_ft"]) == {
-        "aulc", "aulc_gain", "gain_fewest_labels", "gain_all_labels"
-    }  # fmt: skip
+        "aulc",
+        "aulc_gain",
+        "gain_fewest_labels",
+        "gain_all_labels",
+    }
+
+
+def test_each_stage_records_under_the_recorder_it_is_given(done: Layout, tiny_params) -> None:
+    stages = [r.tags.get("stage") for r in RECORDED.children]
+    targets = list(tiny_params.targets)
+    assert stages == ["prepare", "pretrain", *["extract", "finetune"] * len(targets), "compare"]
+    assert all(r.status == "FINISHED" for r in RECORDED.children)
+    pretrain_record = RECORDED.children[1]
+    epochs = [step for step, key, _ in pretrain_record.history if key == "train/loss"]
+    assert epochs == list(range(len(epochs))) and epochs  # one value per epoch, in order
+    assert pretrain_record.models == [tiny_params.registered_model]
+
+
+def test_every_cell_is_recorded_with_its_training_time_and_every_lr(
+    done: Layout, tiny_params
+) -> None:
+    cfg = tiny_params.finetune
+    results = pd.read_csv(done.results("new_classes"))
+    cells = RECORDED.find(target="new_classes", kind="scratch") + RECORDED.find(
+        target="new_classes", kind="transfer"
+    )
+    assert len(cells) == len(results)  # each (strategy, fraction, seed) once
+    for cell in cells:
+        started, ended = cell.times
+        assert started < ended  # the group's real training time
+        row = results[
+            (results.strategy == cell.params["strategy"])
+            & (results.fraction == cell.params["fraction"])
+            & (results.seed == cell.params["seed"])
+        ].iloc[0]
+        assert cell.metrics["test/acc"] == row.test_acc
+        if cell.params["strategy"] != "scratch":
+            scratch = results[
+                (results.strategy == "scratch")
+                & (results.fraction == row.fraction)
+                & (results.seed == row.seed)
+            ].iloc[0]
+            assert cell.metrics["gain_vs_scratch"] == pytest.approx(
+                row.test_acc - scratch.test_acc
+            )
+        if cell.params["strategy"] == "linear_probe":
+            assert cell.children == []  # the probe trains no epochs
+            continue
+        curves = cell.children
+        assert sorted(c.params["lr"] for c in curves) == sorted(cfg.lrs)
+        assert [c.tags["chosen"] for c in curves].count("true") == 1
+        chosen = next(c for c in curves if c.tags["chosen"] == "true")
+        assert chosen.params["lr"] == row.lr
+        assert curve(chosen) == curve(cell) and curve(
+            cell
+        )  # the cell shows the chosen lr's epochs
+        assert all(started <= c.times[1] <= ended for c in curves)
+
+
+def curve(record: MemoryRecorder) -> list[tuple[int, str, float]]:
+    """A record's per-epoch metrics (the summary metrics left out)."""
+    return [entry for entry in record.history if entry[1] in ("train/loss", "val/loss", "val/acc")]

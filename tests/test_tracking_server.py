@@ -43,8 +43,9 @@ def postgres_bin() -> Path | None:
     on_path = shutil.which("initdb")
     if on_path:
         return Path(on_path).resolve().parent
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
-                   key=lambda p: float(p.parent.parent.name))  # fmt: skip
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: float(p.parent.parent.name)
+    )
     return found[-1].parent if found else None
 
 
@@ -64,8 +65,9 @@ def log_tail(path: Path, size: int = 4000) -> str:
     return f"--- {path.name} (last {size} characters) ---\n{text[-size:]}"
 
 
-def poll(ready: Callable[[], Any], process: subprocess.Popen, timeout: float, what: str,
-         log: Path) -> None:  # fmt: skip
+def poll(
+    ready: Callable[[], Any], process: subprocess.Popen, timeout: float, what: str, log: Path
+) -> None:
     """Wait until `ready()` answers truthily; fail at once, with the log, if `process` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -111,17 +113,46 @@ def postgres() -> Iterator[str]:
     process = None
     try:
         initdb = subprocess.run(
-            [binaries / "initdb", "-D", home / "data", "-U", ROLE, f"--pwfile={password_file}",
-             "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-sync"],
-            **as_user, capture_output=True, text=True, check=False, timeout=120,
-        )  # fmt: skip
+            [
+                binaries / "initdb",
+                "-D",
+                home / "data",
+                "-U",
+                ROLE,
+                f"--pwfile={password_file}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+            **as_user,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
         assert initdb.returncode == 0, f"initdb failed: {initdb.stdout}{initdb.stderr}"
         # fsync off: the cluster is thrown away after the test, durability buys nothing here
         process = subprocess.Popen(
-            [binaries / "postgres", "-D", home / "data", "-h", "127.0.0.1", "-p", str(port),
-             "-k", home, "-c", "fsync=off"],
-            **as_user, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                binaries / "postgres",
+                "-D",
+                home / "data",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "-k",
+                home,
+                "-c",
+                "fsync=off",
+            ],
+            **as_user,
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         login = f"{ROLE}:{PASSWORD}@127.0.0.1:{port}"
 
         def accepts_logins() -> bool:
@@ -131,9 +162,12 @@ def postgres() -> Iterator[str]:
         poll(accepts_logins, process, 60, "PostgreSQL", log)
         created = subprocess.run(
             [binaries / "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", ROLE, DATABASE],
-            env={**os.environ, "PGPASSWORD": PASSWORD}, capture_output=True, text=True,
-            timeout=60, check=False,
-        )  # fmt: skip
+            env={**os.environ, "PGPASSWORD": PASSWORD},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert created.returncode == 0, created.stderr + log_tail(log)
         yield f"postgresql://{login}/{DATABASE}"
     finally:
@@ -150,17 +184,39 @@ def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     port, log, artifacts = free_port(), root / "mlflow-server.log", root / "artifacts"
     uri = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", postgres, "--serve-artifacts",
-         "--artifacts-destination", str(artifacts), "--workers", "2"],
-        cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            postgres,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(artifacts),
+            "--workers",
+            "2",
+        ],
+        cwd=root,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         # no GenAI job runner: the pipeline uses none, and it costs 8 processes and slow stops
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
+    )
     try:
         # the first start creates MLflow's tables in PostgreSQL: seconds to tens of seconds
-        poll(lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
-             process, 240, "mlflow server", log)  # fmt: skip
+        poll(
+            lambda: urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200,
+            process,
+            240,
+            "mlflow server",
+            log,
+        )
         # /health answers before a worker has opened the store: ask the store itself
         poll(lambda: MlflowClient(uri).search_experiments(), process, 120, "mlflow store", log)
         yield {"uri": uri, "artifacts": artifacts, "log": log}
@@ -174,8 +230,12 @@ def pipeline(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("team")
     workspace = make_workspace(root / "ws")
     env = {"MLFLOW_TRACKING_URI": server["uri"], "PREFECT_HOME": str(root / "prefect-home")}
-    result = run_command(["python", "-m", "flows.pipeline", "--params", "params.yaml"],
-                         cwd=workspace, env=env, timeout=600)  # fmt: skip
+    result = run_command(
+        ["python", "-m", "flows.pipeline", "--params", "params.yaml"],
+        cwd=workspace,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, (
         result.stdout[-3000:] + result.stderr[-5000:] + log_tail(server["log"])
     )
@@ -183,8 +243,14 @@ def pipeline(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     client = MlflowClient(server["uri"])
     [experiment] = [e for e in client.search_experiments() if e.name == params.experiment]
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    return {"workspace": workspace, "params": params, "client": client, "runs": runs,
-            "experiment": experiment, **server}  # fmt: skip
+    return {
+        "workspace": workspace,
+        "params": params,
+        "client": client,
+        "runs": runs,
+        "experiment": experiment,
+        **server,
+    }
 
 
 def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[str, Any]) -> None:
@@ -208,9 +274,15 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
 
     cfg = params.finetune
     cells = [r for r in runs if "kind" in r.data.tags]
-    found = Counter((r.data.params["target"], r.data.params["strategy"],
-                     float(r.data.params["fraction"]), int(r.data.params["seed"]))
-                    for r in cells)  # fmt: skip
+    found = Counter(
+        (
+            r.data.params["target"],
+            r.data.params["strategy"],
+            float(r.data.params["fraction"]),
+            int(r.data.params["seed"]),
+        )
+        for r in cells
+    )
     expected = Counter(product(targets, cfg.strategies, cfg.fractions, cfg.seeds))
     assert found == expected, (
         f"duplicated: {sorted((found - expected).elements())}, "
@@ -222,16 +294,20 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
         assert cell.data.tags[PARENT_TAG] == stage.info.run_id
 
     # the targets' fine-tuning stages were open at the same time: their records interleaved
-    spans = [(stages[f"finetune {t}"].info.start_time, stages[f"finetune {t}"].info.end_time)
-             for t in targets]  # fmt: skip
+    spans = [
+        (stages[f"finetune {t}"].info.start_time, stages[f"finetune {t}"].info.end_time)
+        for t in targets
+    ]
     assert max(start for start, _ in spans) < min(end for _, end in spans), spans
 
 
 def test_metrics_on_the_server_match_the_result_files(pipeline: dict[str, Any]) -> None:
     client: MlflowClient = pipeline["client"]
     workspace: Path = pipeline["workspace"]
-    results = pd.concat(pd.read_csv(workspace / "data" / "results" / f"{t}.csv")
-                        for t in pipeline["params"].targets)  # fmt: skip
+    results = pd.concat(
+        pd.read_csv(workspace / "data" / "results" / f"{t}.csv")
+        for t in pipeline["params"].targets
+    )
     by_cell = {(r.target, r.strategy, r.fraction, r.seed): r for r in results.itertuples()}
     cells = [r for r in pipeline["runs"] if "kind" in r.data.tags]
     assert len(cells) == len(by_cell)
@@ -321,8 +397,10 @@ def test_parallel_writers_lose_and_duplicate_no_run(
             gate.wait()
             for index in range(each):
                 with parent.child(f"w{writer}/{index}") as run:
-                    run.log(params={"writer": writer, "index": index},
-                            metrics={"value": writer * 100 + index})  # fmt: skip
+                    run.log(
+                        params={"writer": writer, "index": index},
+                        metrics={"value": writer * 100 + index},
+                    )
                     run.log_history([{"loss": 1.0 / (epoch + 1)} for epoch in range(3)])
 
         threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
@@ -334,8 +412,9 @@ def test_parallel_writers_lose_and_duplicate_no_run(
     client = MlflowClient(server["uri"])
     children = client.search_runs(
         [parent.connection.experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'", max_results=1000,
-    )  # fmt: skip
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent.run_id}'",
+        max_results=1000,
+    )
     found = Counter((int(r.data.params["writer"]), int(r.data.params["index"])) for r in children)
     assert found == Counter(product(range(writers), range(each))), log_tail(server["log"])
     for run in children:

@@ -69,8 +69,9 @@ def test_compiled_training_matches_plain_and_keeps_the_state_dict() -> None:
     for compile_model in (False, True):
         model = build_classifier(ARCH, 2, seed=0)
         groups = [{"params": model.parameters(), "lr": 1e-2}]
-        result = fit(model, groups, toy(256, 0), toy(128, 1), cfg, seed=0,
-                     compile_model=compile_model)  # fmt: skip
+        result = fit(
+            model, groups, toy(256, 0), toy(128, 1), cfg, seed=0, compile_model=compile_model
+        )
         results.append((result, model.state_dict()))
     (plain, plain_state), (compiled, compiled_state) = results
     assert compiled_state.keys() == plain_state.keys()  # no `_orig_mod.` prefixes

@@ -36,8 +36,14 @@ def learning_curves(table: pd.DataFrame, target: str, path: Path) -> None:
     for strategy, curve in rows.groupby("strategy", sort=False):
         curve = curve.sort_values("n_labels")
         (line,) = ax.plot(curve.n_labels, curve.test_acc_mean, marker="o", label=strategy)
-        ax.fill_between(curve.n_labels, curve.test_acc_ci_low, curve.test_acc_ci_high,
-                        color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+        ax.fill_between(
+            curve.n_labels,
+            curve.test_acc_ci_low,
+            curve.test_acc_ci_high,
+            color=line.get_color(),
+            alpha=0.15,
+            linewidth=0,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("labelled training examples (log scale)")
     ax.set_ylabel("test accuracy (mean, 95% t-interval)")
@@ -57,21 +63,29 @@ def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
     order = list(dict.fromkeys(rows.strategy))
     gains, verdicts = gains.loc[order], verdicts.loc[order]
     limit = max(float(np.nanmax(np.abs(gains.to_numpy()))), 1.0)
-    fig, ax = plt.subplots(figsize=(1.2 * gains.shape[1] + 2.5, 0.6 * gains.shape[0] + 1.6),
-                           dpi=120)  # fmt: skip
-    image = ax.imshow(gains.to_numpy(), cmap="RdBu",
-                      norm=TwoSlopeNorm(0, vmin=-limit, vmax=limit), aspect="auto")  # fmt: skip
+    fig, ax = plt.subplots(
+        figsize=(1.2 * gains.shape[1] + 2.5, 0.6 * gains.shape[0] + 1.6), dpi=120
+    )
+    image = ax.imshow(
+        gains.to_numpy(), cmap="RdBu", norm=TwoSlopeNorm(0, vmin=-limit, vmax=limit), aspect="auto"
+    )
     for i, strategy in enumerate(gains.index):
         for j, fraction in enumerate(gains.columns):
             gain, mark = (
                 gains.loc[strategy, fraction],
                 MARK.get(verdicts.loc[strategy, fraction], ""),
             )
-            ax.text(j, i, f"{gain:+.1f}{mark}", ha="center", va="center", fontsize=9,
-                    color="white" if abs(gain) > 0.6 * limit else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{gain:+.1f}{mark}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if abs(gain) > 0.6 * limit else "black",
+            )
     labels = rows.drop_duplicates("fraction").set_index("fraction").n_labels
-    ax.set_xticks(range(gains.shape[1]),
-                  [f"{f:g}\n({labels[f]})" for f in gains.columns])  # fmt: skip
+    ax.set_xticks(range(gains.shape[1]), [f"{f:g}\n({labels[f]})" for f in gains.columns])
     ax.set_yticks(range(gains.shape[0]), gains.index)
     ax.set_xlabel("label fraction (labels)")
     ax.set_title(f"{target}: gain over scratch, points")
@@ -87,12 +101,15 @@ def _pca_2d(x: np.ndarray) -> np.ndarray:
     return centred @ vt[:2].T
 
 
-def feature_map(raw: Labelled, features: Labelled, classes: list[int], target: str,
-                path: Path) -> None:  # fmt: skip
+def feature_map(
+    raw: Labelled, features: Labelled, classes: list[int], target: str, path: Path
+) -> None:
     """2-D PCA of the raw inputs beside 2-D PCA of the frozen backbone's features, by class."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120)
-    panels = [("raw inputs", raw.x.reshape(len(raw), -1), raw.y),
-              ("pretrained features", features.x, features.y)]  # fmt: skip
+    panels = [
+        ("raw inputs", raw.x.reshape(len(raw), -1), raw.y),
+        ("pretrained features", features.x, features.y),
+    ]
     for ax, (title, x, y) in zip(axes, panels, strict=True):
         points = _pca_2d(x.astype(np.float64))
         for index, label in enumerate(classes):

@@ -23,37 +23,45 @@ def _interval(low: float, high: float) -> str:
 def read_verdicts(path: Path) -> pd.DataFrame:
     """reports/verdicts.csv as `compare` wrote it (target names stay strings)."""
     return pd.read_csv(
-        path, dtype={"target": str, "strategy": str, "verdict": str}, keep_default_na=False,
+        path,
+        dtype={"target": str, "strategy": str, "verdict": str},
+        keep_default_na=False,
         na_values={"gain_ci_low": [""], "gain_ci_high": [""]},
-    )  # fmt: skip
+    )
 
 
 def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     """The verdict table as people read it: per target and label budget, the transfer strategy
     with the best validation accuracy, its paired gain over scratch and what the interval says."""
-    return pd.DataFrame({
-        "target": verdicts.target,
-        "fraction": verdicts.fraction.map("{:g}".format),
-        "labels": verdicts.n_labels,
-        "best transfer (on val)": verdicts.strategy,
-        "test acc": verdicts.test_acc_mean.map("{:.3f}".format),
-        "scratch": verdicts.scratch_acc_mean.map("{:.3f}".format),
-        "gain, points": verdicts.gain_vs_scratch.map(_points),
-        f"{CONFIDENCE:.0%} CI": [_interval(lo, hi) for lo, hi in
-                                 zip(verdicts.gain_ci_low, verdicts.gain_ci_high, strict=True)],
-        "verdict": verdicts.verdict,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "target": verdicts.target,
+            "fraction": verdicts.fraction.map("{:g}".format),
+            "labels": verdicts.n_labels,
+            "best transfer (on val)": verdicts.strategy,
+            "test acc": verdicts.test_acc_mean.map("{:.3f}".format),
+            "scratch": verdicts.scratch_acc_mean.map("{:.3f}".format),
+            "gain, points": verdicts.gain_vs_scratch.map(_points),
+            f"{CONFIDENCE:.0%} CI": [
+                _interval(lo, hi)
+                for lo, hi in zip(verdicts.gain_ci_low, verdicts.gain_ci_high, strict=True)
+            ],
+            "verdict": verdicts.verdict,
+        }
+    )
 
 
 def summary_markdown(summary: pd.DataFrame) -> str:
-    shown = pd.DataFrame({
-        "target": summary.target,
-        "strategy": summary.strategy,
-        "AULC": summary.aulc.map("{:.3f}".format),
-        "AULC gain, points": summary.aulc_gain_vs_scratch.map(_points),
-        "data multiplier, fewest labels": summary.data_multiplier_at_min_fraction,
-        "data multiplier, all labels": summary.data_multiplier_at_max_fraction,
-    })  # fmt: skip
+    shown = pd.DataFrame(
+        {
+            "target": summary.target,
+            "strategy": summary.strategy,
+            "AULC": summary.aulc.map("{:.3f}".format),
+            "AULC gain, points": summary.aulc_gain_vs_scratch.map(_points),
+            "data multiplier, fewest labels": summary.data_multiplier_at_min_fraction,
+            "data multiplier, all labels": summary.data_multiplier_at_max_fraction,
+        }
+    )
     return shown.to_markdown(index=False, disable_numparse=True)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from tasks.data.datasets import SPLITS, DataError, Labelled, keep_classes, stratified_split
 from tasks.data.mnist1d_fast import make_dataset_fast
-from tasks.config.params import DatasetSpec, Mnist1dArgs, SplitParams
+from tasks.config.params import DatasetSpec, Mnist1dArgs, Params, SplitParams
 
 
 @dataclass(frozen=True)
@@ -133,3 +133,19 @@ def build_splits(
     index = stratified_split(pool.y, {"val": split.val}, split.seed, where)
     splits = {"train": pool.take(index["train"]), "val": pool.take(index["val"]), "test": test}
     return splits, classes
+
+
+def datasets(params: Params) -> dict[str, tuple[DatasetSpec, str]]:
+    """Every dataset of the study by name, with where it comes from for error messages: the
+    params key, and the user's file or the built-in kind."""
+    named = {"source": ("source", params.source)}
+    named |= {name: (f"targets.{name}", spec) for name, spec in params.targets.items()}
+    return {name: (spec, f"{key} ({spec.path or spec.kind})") for name, (key, spec) in named.items()}
+
+
+def check_user_data(params: Params) -> None:
+    """Read and check every user data file as `prepare` will, writing nothing: the pre-flight
+    check before a run. Built-in generators are left to `prepare` (they cost real time)."""
+    for spec, where in datasets(params).values():
+        if spec.path is not None:
+            build_splits(spec, params.split, where)

@@ -8,10 +8,11 @@ and the ranks' gradients are averaged (NCCL on CUDA, gloo on CPU). Only rank 0 w
 checkpoint, the resume state and the metrics, and records to MLflow; the other ranks never
 touch MLflow.
 
-The launcher holds what every stage command holds: the workspace lock and the MLflow parent run
-(the flow's, the one of `dvc repro`, or its own). It hands the parent to rank 0 in LAUNCH_ENV,
-so that the one `pretrain` run is recorded under it, and rank 0 leaves the lock to the launcher.
-Started by hand, rank 0 takes the lock and joins a parent as any stage command does.
+The launcher holds what every stage command holds (tasks/frame.py): the workspace lock and the
+execution's parent record (the flow's, the one of `dvc repro`, or its own). It hands the parent
+to rank 0 in LAUNCH_ENV, so that the one `pretrain` run is recorded under it, and rank 0 leaves
+the lock to the launcher. Started by hand, rank 0 runs in an execution of its own, as any stage
+command does.
 """
 
 from __future__ import annotations
@@ -24,37 +25,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
-from mlflow import MlflowClient
 
-from tasks.cli import (
-    USER_ERRORS,
-    configure_logging,
-    exit_on_sigterm,
-    fail,
-    interrupted,
-    params_parser,
-    raise_if_tracking_failed,
-)
-from tasks.config.params import Params, ParamsError, load_params
+from tasks import frame
+from tasks.config.params import Params, ParamsError
 from tasks.learning import runtime
 from tasks.learning.train import Shard
-from tasks.recording.tracking import (
-    Connection,
-    NullRun,
-    Run,
-    check_tracking,
-    join_stage_parent,
-    tracking_uri,
-)
+from tasks.recording.recorder import Recorder
 from tasks.workspace.layout import Layout
-from tasks.workspace.lock import workspace_lock
 
 # Set by `launch` for the ranks it starts: JSON of the workspace root and the MLflow parent.
 LAUNCH_ENV = "TRANSFER_STUDY_LAUNCHER"
@@ -63,35 +45,26 @@ STOP_GRACE_S = 30  # how long stopped ranks get to end their MLflow runs before 
 log = logging.getLogger(__name__)
 
 
-class LaunchError(RuntimeError):
-    """The ranks started by `launch` failed; their own errors were printed above."""
-
-
 def is_worker() -> bool:
     """Whether this process is one rank of a torchrun (or other env:// launcher) job."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(params: Params, layout: Layout, run: Run) -> dict[str, float]:
+def launch(params: Params, layout: Layout, recorder: Recorder) -> dict[str, float]:
     """Run the pretrain stage as `pretrain.processes` ranks on this machine and wait for them;
     return the summary that rank 0 wrote. Stopping this process stops the ranks."""
     processes = params.pretrain.processes
     _check_device(runtime.resolve_device(params.runtime.device), processes)
-    handover = {
-        "root": str(layout.root),
-        # a store that failed already gets no more records, as in this process
-        "parent": run.run_id if run.connection.error is None else None,
-        "experiment": run.connection.experiment_id,
-        "tags": run.connection.base_tags,  # lineage: commit, orchestrator, flow run id
-    }
+    handover = {"root": str(layout.root), "parent": recorder.handover()}
     # The ranks read the params they are handed, validated as any params file.
     with tempfile.TemporaryDirectory(prefix="pretrain-params-") as folder:
         params_file = Path(folder) / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={processes}", "-m", "tasks.pretrain", "--params", str(params_file),
-        ]  # fmt: skip
+            *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
+            *(f"--nproc-per-node={processes}", "-m", "tasks.pretrain"),
+            *("--params", str(params_file)),
+        ]
         env = {
             **os.environ,
             LAUNCH_ENV: json.dumps(handover),
@@ -101,7 +74,7 @@ def launch(params: Params, layout: Layout, run: Run) -> dict[str, float]:
         log.info("pretraining on %d processes under torchrun", processes)
         code = _wait(subprocess.Popen(command, env=env, cwd=layout.root))
     if code != 0:
-        raise LaunchError(
+        raise frame.LaunchError(
             f"pretraining on {processes} processes under torchrun failed (exit code {code}); "
             "the ranks' errors are printed above"
         )
@@ -123,54 +96,35 @@ def _wait(process: subprocess.Popen) -> int:
         raise
 
 
-def worker_main(
-    description: str, body: Callable[[Params, Layout, Run], object], argv: list[str] | None
+def rank_command(
+    description: str, stage: Callable[[Params, Layout, Recorder], object], argv: list[str] | None
 ) -> None:
-    """One rank's command line: `tasks.cli.run_stage`'s frame, except that only rank 0 takes
-    the workspace lock (unless its launcher holds it) and an MLflow parent."""
-    args = params_parser(description).parse_args(argv)
-    configure_logging()
-    exit_on_sigterm()
+    """One rank's command line, in the frame (tasks/frame.py). Rank 0 records under the
+    launcher's parent and leaves it and the lock to the launcher; started by hand, it runs in
+    an execution of its own. The other ranks record nothing."""
+    args = frame.parser(description).parse_args(argv)
     rank = int(os.environ["RANK"])
-    if rank > 0:  # rank 0 reports the progress
-        for ours in ("tasks", "__main__"):
-            logging.getLogger(ours).setLevel(logging.WARNING)
-    launcher = _launcher()
-    layout = Layout(Path(launcher["root"])) if launcher else Layout()
-    try:
-        params = load_params(args.params, args.overrides)
-        if rank > 0:
-            body(params, layout, NullRun())
-            return
-        lock = contextlib.nullcontext() if launcher else workspace_lock(layout.root)
-        with lock, _rank0_parent(params, launcher) as parent:
-            body(params, layout, parent)
-        raise_if_tracking_failed(parent)
-    except USER_ERRORS as err:
-        fail(err)
-    except KeyboardInterrupt as err:
-        interrupted(err)
-
-
-def _launcher() -> dict[str, Any] | None:
-    """What `launch` handed over, or None when torchrun was started by hand."""
     handover = os.environ.get(LAUNCH_ENV)
-    return json.loads(handover) if handover else None
 
+    def body() -> None:
+        if rank > 0:  # rank 0 reports the progress
+            for ours in ("tasks", "__main__"):
+                logging.getLogger(ours).setLevel(logging.WARNING)
+        params = frame.load(args)
+        if rank > 0:
+            stage(params, Layout(), Recorder())
+        elif handover is None:
+            with frame.execution(params, "stage") as run:
+                stage(params, run.layout, run.recorder)
+        else:
+            from tasks.recording.tracking import adopt
 
-def _rank0_parent(params: Params, launcher: dict[str, Any] | None) -> AbstractContextManager[Run]:
-    """Rank 0's MLflow parent: the launcher's (left open: the launcher ends it), else the one
-    a stage command joins (ended here)."""
-    if launcher is None:
-        return join_stage_parent(params.experiment)
-    if launcher["parent"] is None:
-        return contextlib.nullcontext(NullRun())
-    uri = tracking_uri()
-    check_tracking(uri)
-    connection = Connection(
-        MlflowClient(uri), launcher["experiment"], Path(launcher["root"]), launcher["tags"]
-    )
-    return contextlib.nullcontext(Run(connection, launcher["parent"]))
+            launcher = json.loads(handover)
+            parent = adopt(launcher["parent"])
+            stage(params, Layout(Path(launcher["root"])), parent)
+            frame.raise_if_tracking_failed(parent)
+
+    frame.command(body)
 
 
 @contextlib.contextmanager

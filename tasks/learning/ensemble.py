@@ -19,6 +19,7 @@ sizes take different numbers of steps per epoch, so they train in separate stack
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import groupby
@@ -89,7 +90,7 @@ class _Stack:
             .to(self.device)
             .requires_grad_(name in self.trainable)
             for name, _ in first.named_parameters()
-        }  # fmt: skip
+        }
         self.x = torch.stack([m.train.x for m in members])  # (M, N, C, L)
         self.y = torch.stack([m.train.y for m in members])  # (M, N)
         lrs = torch.tensor([m.lr for m in members], device=self.device)  # (M,)
@@ -106,6 +107,7 @@ class _Stack:
         self.best_score = [(-1.0, -float("inf"))] * len(members)  # (val acc, -val loss)
         self.best_epoch = [-1] * len(members)
         self.history: list[list[dict[str, float]]] = [[] for _ in members]
+        self.epoch_ends: list[list[float]] = [[] for _ in members]
         self.steps = 0
 
     def _logits(self, weights: Weights, x: torch.Tensor, shared_x: bool) -> torch.Tensor:
@@ -128,9 +130,11 @@ class _Stack:
             val_loss, val_acc = self._evaluate(val, max(cfg.batch_size, 1024))  # (A,), (A,)
             # the one host sync of the epoch: every member's three numbers at once
             rows = torch.stack([train_loss, val_loss, val_acc], 1).tolist()
+            ended = time.time()
             slots, improved = [], []  # stack positions and member indices of the improved
             for slot, (i, (loss, v_loss, v_acc)) in enumerate(zip(self.active, rows, strict=True)):
                 self.history[i].append({"train/loss": loss, "val/loss": v_loss, "val/acc": v_acc})
+                self.epoch_ends[i].append(ended)
                 if (v_acc, -v_loss) > self.best_score[i]:
                     self.best_score[i], self.best_epoch[i] = (v_acc, -v_loss), epoch
                     slots.append(slot)
@@ -145,8 +149,9 @@ class _Stack:
         """Drop the members not in `keep` from the stack: weights, Adam state, data, lrs."""
         if keep == self.active:
             return
-        slots = torch.tensor([self.active.index(i) for i in keep], dtype=torch.long,
-                             device=self.device)  # fmt: skip
+        slots = torch.tensor(
+            [self.active.index(i) for i in keep], dtype=torch.long, device=self.device
+        )
         for state in (self.exp_avg, self.exp_avg_sq, self.lrs):
             for name in state:
                 state[name] = state[name].index_select(0, slots)
@@ -213,4 +218,5 @@ class _Stack:
             for name, param in model.named_parameters():
                 param.copy_(self.best[name][i])
         acc, neg_loss = self.best_score[i]
-        return FitResult(self.best_epoch[i], acc, -neg_loss, self.history[i]), model
+        result = FitResult(self.best_epoch[i], acc, -neg_loss, self.history[i], self.epoch_ends[i])
+        return result, model

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class FitResult:
     best_val_acc: float
     best_val_loss: float
     history: list[dict[str, float]]  # one entry per epoch: train/loss, val/loss, val/acc
+    epoch_ends: list[float] = field(default_factory=list)  # when each epoch ended (time.time())
 
     @property
     def score(self) -> tuple[float, float]:
@@ -78,8 +79,8 @@ def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, f
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's part of data-parallel training (torchrun, tasks/learning/distributed.py): rank
-    `rank` of `world` processes. Every rank draws the same epoch order and takes every
+    """This process's part of data-parallel training (torchrun, tasks/learning/distributed.py):
+    rank `rank` of `world` processes. Every rank draws the same epoch order and takes every
     `world`-th example of each batch (what DistributedSampler does to the epoch, without its
     padding, which would repeat examples), so a step sees the single-process batch, split over
     the ranks. The default is the whole batch in this one process."""
@@ -210,12 +211,19 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if resume is not None and shard.rank == 0:
-            files.torch_save(resume.path, {
-                "fingerprint": resume.fingerprint, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "order_rng": order_rng.get_state(),
-                "best_score": list(best_score), "best_epoch": best_epoch,
-                "best_state": best_state, "history": history,
-            })  # fmt: skip
+            files.torch_save(
+                resume.path,
+                {
+                    "fingerprint": resume.fingerprint,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "order_rng": order_rng.get_state(),
+                    "best_score": list(best_score),
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                    "history": history,
+                },
+            )
     if val is None:
         return FitResult(len(history) - 1, float("nan"), float("nan"), history)
     model.load_state_dict(best_state)

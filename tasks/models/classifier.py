@@ -15,13 +15,10 @@ import torch
 from torch import nn
 
 from tasks.config.params import ModelParams
+from tasks.models.errors import CheckpointError
 from tasks.workspace import files
 
 CHECKPOINT_FORMAT = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what was expected."""
 
 
 class Cnn1d(nn.Module):

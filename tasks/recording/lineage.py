@@ -20,8 +20,9 @@ def git_state(root: Path) -> dict[str, str]:
     """The commit checked out in `root` and whether the tree differs from it."""
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              check=False, timeout=30)  # fmt: skip
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=False, timeout=30
+        )
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "HEAD")

@@ -1,4 +1,6 @@
-"""MLflow records: one parent run per pipeline execution, stage and fine-tuning runs nested below.
+"""The recorder backed by MLflow: one parent run per pipeline execution, stage and fine-tuning
+runs nested below. The one module that talks to MLflow: stages see only the Recorder interface
+(tasks/recording/recorder.py).
 
 Everything goes through `MlflowClient` with explicit run ids, never the fluent API's active-run
 stack, which is per thread and would lose the parent inside Prefect's thread pool. Metrics are
@@ -24,8 +26,6 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,31 +39,24 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from tasks.recording.lineage import MD5_TAG, git_state, input_tags
+from tasks.recording.recorder import Recorder
+from tasks.recording.store import TrackingError, check_tracking, tracking_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_ALIAS = "current"  # the newest registered backbone ("latest" is reserved by MLflow)
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request (params: 100)
-# MLflow retries a failed HTTP request 7 times with a growing backoff (minutes in all); a dead
-# server should cost seconds. Set these variables yourself to choose otherwise.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 log = logging.getLogger(__name__)
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; the message names the tracking URI."""
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a line per store opened
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
 
 class Connection:
@@ -103,9 +96,12 @@ class Connection:
         with self._lock:
             if self.error is None:
                 self.error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-                log.error("MLflow tracking at %s failed, records from now on are skipped "
-                          "(results are still written to files): %s",
-                          tracking_uri(), self.error)  # fmt: skip
+                log.error(
+                    "MLflow tracking at %s failed, records from now on are skipped "
+                    "(results are still written to files): %s",
+                    tracking_uri(),
+                    self.error,
+                )
 
     def end_open_runs(self, status: str) -> None:
         """End every run still open (in any thread) with `status`: KILLED or FAILED."""
@@ -125,7 +121,7 @@ def end_all_open_runs(status: str) -> None:
         connection.end_open_runs(status)
 
 
-class Run:
+class Run(Recorder):
     """One MLflow run, addressed by id; a context manager that ends it with the right status."""
 
     def __init__(self, connection: Connection, run_id: str | None, top_level: bool = False):
@@ -136,24 +132,71 @@ class Run:
     ) -> Run:
         """A new run nested under this one; `inputs` (files it reads) are tagged with their DVC
         hashes and logged as MLflow datasets with that hash as digest."""
-        if self.connection.client is None:
-            return Run(self.connection, None)
+        return self._create(name, tags, inputs)
+
+    def finished(
+        self,
+        name: str,
+        started: float,
+        ended: float,
+        tags: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        history: Sequence[dict[str, float]] = (),
+        epoch_ends: Sequence[float] = (),
+        inputs: Sequence[Path] = (),
+    ) -> Run:
+        """A nested run of work done between `started` and `ended`: MLflow's Duration column
+        shows that time, and each epoch of `history` is stamped when it ended."""
+        run = self._create(name, tags, inputs, start_ms=_ms(started))
+        if run.run_id is None:
+            return run
+        stamps = [_ms(t) for t in epoch_ends] or [_ms(ended)] * len(history)
+        curve = [
+            Metric(k, float(v), stamp, epoch)
+            for epoch, (values, stamp) in enumerate(zip(history, stamps, strict=False))
+            for k, v in values.items()
+        ]
+        summary = [Metric(k, float(v), _ms(ended), 0) for k, v in (metrics or {}).items()]
+        run._batch(summary + curve, [Param(k, str(v)) for k, v in (params or {}).items()], [])
+        self.connection.call("set_terminated", run.run_id, status="FINISHED", end_time=_ms(ended))
+        self.connection.open.pop(run.run_id, None)
+        return run
+
+    def _create(
+        self,
+        name: str,
+        tags: dict[str, str] | None,
+        inputs: Sequence[Path],
+        start_ms: int | None = None,
+    ) -> Run:
         connection = self.connection
+        if connection.client is None or self.run_id is None:
+            return Run(connection, None)
         lineage = input_tags(connection.root, list(inputs))
         created = connection.call(
-            "create_run", connection.experiment_id, run_name=name,
+            "create_run",
+            connection.experiment_id,
+            run_name=name,
+            start_time=start_ms,
             tags={PARENT_TAG: self.run_id, **connection.base_tags, **lineage, **(tags or {})},
-        )  # fmt: skip
+        )
         if created is None:
             return Run(connection, None)
         run_id = created.info.run_id
         connection.open[run_id] = name
         if lineage:
             datasets = [
-                DatasetInput(Dataset(name=key.removeprefix(MD5_TAG), digest=digest,
-                                     source_type="dvc", source=key.removeprefix(MD5_TAG)))
+                DatasetInput(
+                    Dataset(
+                        name=key.removeprefix(MD5_TAG),
+                        digest=digest,
+                        source_type="dvc",
+                        source=key.removeprefix(MD5_TAG),
+                    )
+                )
                 for key, digest in lineage.items()
-            ]  # fmt: skip
+            ]
             connection.call("log_inputs", run_id, datasets=datasets)
         return Run(connection, run_id)
 
@@ -191,9 +234,9 @@ class Run:
             )
             metrics, params, tags = metrics[_BATCH:], params[100:], tags[100:]
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.run_id is not None:
-            self.connection.call("log_artifact", self.run_id, str(path), artifact_path)
+            self.connection.call("log_artifact", self.run_id, str(path), folder)
 
     def register_model(
         self, model: Any, example: Any, name: str, tags: dict[str, str]
@@ -221,13 +264,29 @@ class Run:
         if not connection.call("search_registered_models", filter_string=f"name = '{name}'"):
             connection.call("create_registered_model", name, exists_ok=True)
         version = connection.call(
-            "create_model_version", name, f"runs:/{self.run_id}/model", run_id=self.run_id,
+            "create_model_version",
+            name,
+            f"runs:/{self.run_id}/model",
+            run_id=self.run_id,
             tags=tags,
-        )  # fmt: skip
+        )
         if version is None:
             return None
         connection.call("set_registered_model_alias", name, MODEL_ALIAS, version.version)
         return version.version
+
+    def failure(self) -> str | None:
+        return self.connection.error
+
+    def handover(self) -> dict[str, Any]:
+        if self.run_id is None or self.connection.error is not None:
+            return {}  # a store that failed already gets no more records, as in this process
+        return {
+            "parent": self.run_id,
+            "experiment": self.connection.experiment_id,
+            "root": str(self.connection.root),
+            "tags": self.connection.base_tags,  # lineage: commit, orchestrator, flow run id
+        }
 
     def set_status(self, status: str) -> None:
         if self.run_id is None:
@@ -252,31 +311,6 @@ class Run:
         self.set_status(status)
         if self.top_level:
             self.connection.end_open_runs(status)  # what other threads left open, too
-
-
-class NullRun(Run):
-    """A run that records nothing: for callers that want the stage without tracking."""
-
-    def __init__(self) -> None:
-        super().__init__(Connection(client=None, experiment_id=""), run_id=None)
-
-
-def check_tracking(uri: str) -> None:
-    """Fail in seconds, naming the URI, if the tracking store cannot be reached."""
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
-                answer.read()
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
-                "MLFLOW_TRACKING_URI to record in sqlite:///mlflow.db"
-            ) from err
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is not writable")
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
@@ -355,11 +389,26 @@ def join_stage_parent(experiment: str) -> Run:
         return start_pipeline_run(experiment, orchestrator="cli")
     connection = _connect(experiment, "dvc", execution, Path("."))
     found = connection.call(
-        "search_runs", [connection.experiment_id],
-        filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'", max_results=1,
-    )  # fmt: skip
+        "search_runs",
+        [connection.experiment_id],
+        filter_string=f"tags.`{EXECUTION_TAG}` = '{execution}'",
+        max_results=1,
+    )
     if not found:
         return _create_parent(connection, "dvc", execution)
     parent = Run(connection, found[0].info.run_id, top_level=True)
     parent.set_status("RUNNING")
     return parent
+
+
+def adopt(handover: dict[str, Any]) -> Recorder:
+    """Record under a run that another process opened and will end (its `handover()`): the
+    torchrun ranks record under their launcher's parent. Records nothing when it had none."""
+    if not handover:
+        return Recorder()
+    uri = tracking_uri()
+    check_tracking(uri)
+    connection = Connection(
+        MlflowClient(uri), handover["experiment"], Path(handover["root"]), handover["tags"]
+    )
+    return Run(connection, handover["parent"])

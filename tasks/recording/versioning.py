@@ -14,16 +14,16 @@ every stage runs and nothing is recorded in DVC.
 from __future__ import annotations
 
 import logging
+from functools import cached_property
 from pathlib import Path
-
-from dvc.exceptions import NotDvcRepoError
-from dvc.repo import Repo
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 class Versioning:
-    """The DVC view of one workspace, or a stand-in that runs everything and records nothing."""
+    """The DVC view of one workspace, or a stand-in that runs everything and records nothing.
+    One DVC `Repo` serves the whole execution (opening one costs a fraction of a second)."""
 
     def __init__(self, root: Path, enabled: bool):
         self.root = root
@@ -33,19 +33,23 @@ class Versioning:
 
     @staticmethod
     def _is_dvc_repo(root: Path) -> bool:
-        try:
-            Repo(str(root)).close()
-        except NotDvcRepoError:
-            log.warning("%s is not a DVC repository: running every stage, recording none", root)
-            return False
-        return True
+        if (root / ".dvc").is_dir():
+            return True
+        log.warning("%s is not a DVC repository: running every stage, recording none", root)
+        return False
+
+    @cached_property
+    def _repo(self) -> Any:
+        from dvc.repo import Repo  # seconds of import, for versioned runs only
+
+        return Repo(str(self.root))
 
     def is_stale(self, stage: str) -> bool:
         """Whether DVC would run `stage` now; always True when versioning is off."""
         if not self.enabled:
             return True
-        with Repo(str(self.root)) as repo:
-            changes = repo.status(targets=[stage], with_deps=False)
+        # status and commit take the repo lock and drop DVC's cached view of the files after it
+        changes = self._repo.status(targets=[stage], with_deps=False)
         if not changes:
             self.skipped.append(stage)
             log.info("%s is up to date (dvc status): skipped", stage)
@@ -55,17 +59,19 @@ class Versioning:
         """Record a stage's fresh outputs in dvc.lock and the DVC cache, as `dvc repro` does."""
         self.ran.append(stage)
         if self.enabled:
-            with Repo(str(self.root)) as repo:
-                repo.commit(stage, force=True)
+            self._repo.commit(stage, force=True)
 
     def push_if_remote(self) -> bool:
         """`dvc push` to the default remote, if the repo has one; True when it pushed."""
         if not self.enabled:
             return False
-        with Repo(str(self.root)) as repo:
-            remote = repo.config["core"].get("remote")
-            if not remote:
-                return False
-            pushed = repo.push()
+        remote = self._repo.config["core"].get("remote")
+        if not remote:
+            return False
+        pushed = self._repo.push()
         log.info("pushed %d files to DVC remote %r", pushed, remote)
         return True
+
+    def close(self) -> None:
+        if "_repo" in self.__dict__:
+            self._repo.close()

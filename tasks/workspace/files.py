@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -117,6 +116,8 @@ def write_npz(path: Path | str, **arrays: np.ndarray) -> None:
 
 
 def torch_save(path: Path | str, obj: Any) -> None:
+    import torch  # here: the modules that only write files should not pay for its import
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     write_bytes(path, buffer.getvalue())

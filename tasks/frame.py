@@ -1,0 +1,301 @@
+"""The execution frame: everything around a stage call, written once for every driver.
+
+The drivers are a stage's command (`python -m tasks.<stage>`, what `dvc repro` runs), a torchrun
+rank (tasks/learning/distributed.py), the Prefect flow (`python -m flows.pipeline`) and its
+served deployment (`python -m flows.serve`). Each runs its body through `command`, and its
+stages inside an `Execution`. The frame owns:
+
+- the command line (`--params`, `--set`), logging, and loading params before any work;
+- pre-flight: params, every user data file (the checks `prepare` makes, without writing),
+  output folders and the tracking store, checked before Prefect or any training starts;
+- the workspace lock: one execution per workspace at a time;
+- the parent record of the execution, under which every stage records (tasks/recording/), and
+  the tracking-failure policy: a store that fails mid-run costs no result file, but the
+  command then exits 1 saying its records are incomplete;
+- Ctrl-C and SIGTERM: open records end KILLED and the process exits 130 or 143 within seconds,
+  wherever the signal lands (mid-epoch, mid-save, inside a tracking call);
+- user errors: one `error:` line and exit 2 for params, 1 otherwise; anything unexpected keeps
+  its traceback;
+- recording in DVC, for the flow: each stage runs only when DVC finds it stale, and its outputs
+  are committed after it runs (tasks/recording/versioning.py).
+
+Nothing here imports torch, the tracking library or Prefect at module level: a refused command
+exits before paying for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from tasks.config.params import Params, ParamsError, load_params
+from tasks.data.datasets import DataError
+from tasks.data.sources import check_user_data
+from tasks.models.errors import CheckpointError
+from tasks.recording.recorder import Recorder
+from tasks.recording.store import TrackingError, check_tracking, tracking_uri
+from tasks.recording.versioning import Versioning
+from tasks.workspace.files import OutputError, check_writable
+from tasks.workspace.layout import Layout
+from tasks.workspace.lock import WorkspaceBusy, workspace_lock
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LaunchError(RuntimeError):
+    """Processes a stage started failed; their own errors were printed above."""
+
+
+class ServiceError(RuntimeError):
+    """A service the execution needs did not start; the message says what to do."""
+
+
+# Errors whose message is the whole story for a user: printed on one line, no traceback, and
+# never retried (the same input fails the same way).
+USER_ERRORS = (
+    ParamsError,
+    DataError,
+    CheckpointError,
+    OutputError,
+    TrackingError,
+    WorkspaceBusy,
+    LaunchError,
+    ServiceError,
+)
+STOP_GRACE_S = 2.0  # after a signal, how long the main thread gets to unwind before we leave
+END_RUNS_S = 3.0  # then how long ending the open records as KILLED may take
+
+
+def configure_logging() -> None:
+    """Progress at INFO from our loggers; under Prefect its root handlers print them."""
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for ours in ("tasks", "flows", "__main__"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    for noisy in ("alembic", "dvc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parser(description: str, per_target: bool = False) -> argparse.ArgumentParser:
+    """The arguments every command takes: the params file and overrides (and a stage's target)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one param, e.g. --set finetune.seeds=[0,1,2] (repeatable)",
+    )
+    if per_target:
+        parser.add_argument("--target", required=True, help="a name from params' targets")
+    return parser
+
+
+def load(args: argparse.Namespace) -> Params:
+    """The params a command was given, checked (and its `--target`, if it takes one)."""
+    params = load_params(args.params, args.overrides)
+    target = getattr(args, "target", None)
+    if target is not None and target not in params.targets:
+        raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
+    return params
+
+
+def preflight(params: Params, layout: Layout) -> None:
+    """What can be known to fail before any work: every user data file (read and checked as
+    `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
+    check_user_data(params)
+    check_writable(
+        layout.prepared("source").parent,
+        layout.checkpoint.parent,
+        layout.reports,
+        *(layout.features(t) for t in params.targets),
+        *(layout.results(t).parent for t in params.targets),
+    )
+    check_tracking(tracking_uri())
+
+
+# --- the process: signals, errors and exit codes ----------------------------------------------
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a killed `dvc`, a cancelled deployment), raised like Ctrl-C so that the same
+    cleanup runs: open records end as KILLED, written files stay as they are."""
+
+
+_stopping = threading.Event()
+_leaving = threading.Lock()
+
+
+def command(body: Callable[[], object]) -> None:
+    """Run a command's body in the frame: a signal stops it within seconds, a user error is one
+    line, anything else keeps its traceback."""
+    configure_logging()
+    install_stop_handlers()
+    try:
+        body()
+    except USER_ERRORS as err:
+        fail(err)
+    except KeyboardInterrupt as err:
+        leave(143 if isinstance(err, Terminated) else 130)
+
+
+def install_stop_handlers() -> None:
+    """Ctrl-C and SIGTERM stop this process promptly (again after a library swapped its own in:
+    Prefect does for a flow run)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop)
+
+
+def _stop(signum: int, frame: object) -> None:
+    """Raise in the main thread, so that the work unwinds (a tracking call releases its database
+    lock, records end KILLED); if it has not left after a short grace (a library waiting for
+    its threads, a blocking call), a watchdog leaves for it."""
+    if _stopping.is_set():
+        return  # a second Ctrl-C while stopping changes nothing
+    _stopping.set()
+    code = 128 + signum
+    threading.Thread(target=_leave_after, args=(code,), daemon=True).start()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _leave_after(code: int) -> None:
+    time.sleep(STOP_GRACE_S)
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End the open records as KILLED, stop our child processes, say what was kept, and exit at
+    once: finished outputs are complete files (writes are atomic) and a rerun resumes. No
+    interpreter shutdown: its exit hooks (tracking stores, thread pools) can take seconds."""
+    with _leaving:
+        ender = threading.Thread(target=_end_open_records, daemon=True)
+        ender.start()
+        ender.join(END_RUNS_S)  # a store that hangs does not hold the exit
+        _terminate_children()
+        print(
+            "interrupted: finished outputs and the last complete epoch are kept; run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _end_open_records() -> None:
+    tracking = sys.modules.get("tasks.recording.tracking")  # only if something recorded
+    if tracking is not None:
+        tracking.end_all_open_runs("KILLED")
+
+
+def _terminate_children() -> None:
+    """Our child processes (torchrun and its ranks, Prefect's server, Dask workers) get SIGTERM
+    and stop on their own terms: each rank ends its own records as KILLED."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+
+
+def fail(err: BaseException) -> NoReturn:
+    """Print a user error on one line and exit: 2 for bad params, 1 for anything else."""
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2 if isinstance(err, ParamsError) else 1)
+
+
+def is_user_error(err: BaseException | None) -> bool:
+    return isinstance(err, USER_ERRORS)
+
+
+# --- one execution: lock, parent record, DVC ----------------------------------------------------
+
+
+@dataclass
+class Execution:
+    """One pipeline execution in one workspace: the params, where files go, the parent record
+    every stage records under, and DVC's view (which stages to run, and recording them)."""
+
+    params: Params
+    layout: Layout
+    recorder: Recorder
+    versioning: Versioning
+
+    def run(self, name: str, stage: Callable[..., T], *args: Any) -> T | None:
+        """Run `stage(params, *args, layout, recorder)` if DVC finds `name` stale (always, when
+        versioning is off), then record its outputs; None when it was up to date."""
+        if not self.versioning.is_stale(name):
+            return None
+        result = stage(self.params, *args, self.layout, self.recorder)
+        self.versioning.record(name)
+        return result
+
+
+@contextlib.contextmanager
+def execution(
+    params: Params,
+    orchestrator: str,
+    execution_id: str | None = None,
+    layout: Layout | None = None,
+    versioning: Versioning | None = None,
+    lock: bool = True,
+) -> Iterator[Execution]:
+    """Hold the workspace, open the execution's parent record (a stage command joins the one of
+    its `dvc repro`; see tasks/recording/tracking.py), and end it with the right status. After a
+    normal end, a tracking failure during the run is raised: the results are written, but the
+    records are not complete."""
+    from tasks.recording import tracking  # seconds of import: only once the work is due
+
+    layout = layout or Layout()
+    held = workspace_lock(layout.root) if lock else contextlib.nullcontext()
+    with held:
+        if orchestrator == "stage":
+            parent = tracking.join_stage_parent(params.experiment)
+        else:
+            parent = tracking.start_pipeline_run(
+                params.experiment, orchestrator, execution_id, layout.root
+            )
+        with parent:
+            off = Versioning(layout.root, enabled=False)
+            yield Execution(params, layout, parent, versioning or off)
+    raise_if_tracking_failed(parent)
+
+
+def raise_if_tracking_failed(recorder: Recorder) -> None:
+    if recorder.failure() is not None:
+        raise TrackingError(
+            f"MLflow tracking at {tracking_uri()} failed during the run ({recorder.failure()}); "
+            "the result files were written, but the records of this run are incomplete"
+        )
+
+
+def stage_command(
+    description: str,
+    stage: Callable[..., object],
+    argv: list[str] | None = None,
+    per_target: bool = False,
+) -> None:
+    """A stage's command line, what `dvc repro` runs: `stage(params, [target,] layout,
+    recorder)` in an execution of its own (or of its `dvc repro`)."""
+    args = parser(description, per_target).parse_args(argv)
+
+    def body() -> None:
+        params = load(args)
+        check_tracking(tracking_uri())
+        with execution(params, "stage") as run:
+            target = [args.target] if per_target else []
+            stage(params, *target, run.layout, run.recorder)
+
+    command(body)
