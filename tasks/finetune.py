@@ -474,41 +474,43 @@ def data_files(target: str, layout: Layout) -> list[Path]:
 
 def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path]) -> Recorder:
     """One finished run per grid cell (filter on target and fraction to see transfer beside
-    scratch), timed as its training was, and below it one run per learning rate tried, the
-    chosen one tagged `chosen=true`."""
+    scratch), timed as its training was. Its curves are the chosen learning rate's epochs, and
+    every learning rate's under `lr_<lr>/` (one chart per metric shows them side by side), with
+    the chosen one in the tag `chosen_lr`: in the same request, where runs of their own would
+    cost three requests each."""
     row = cell.row
     transfer = row["strategy"] != "scratch"
     name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
-    tags = {
-        **{"target": row["target"], "strategy": row["strategy"]},
-        "kind": "transfer" if transfer else "scratch",
-    }
+    tags = {"target": row["target"], "strategy": row["strategy"]}
+    tags["kind"] = "transfer" if transfer else "scratch"
     keys = ["target", "strategy", "fraction", "seed", "n_labels"]
     chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
-    record = stage.finished(
+    # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
+    metrics = {"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]}
+    history = [dict(epoch) for epoch in cell.history]
+    epoch_ends = list(cell.epoch_ends)
+    for curve in cell.curves:
+        prefix = f"lr_{curve['lr']:g}/"
+        metrics |= {f"{prefix}best/val_acc": curve["val_acc"]}
+        metrics |= {f"{prefix}best_epoch": curve["best_epoch"]}
+        history += [{} for _ in range(len(curve["history"]) - len(history))]
+        for epoch, values in enumerate(curve["history"]):
+            history[epoch] |= {prefix + key: value for key, value in values.items()}
+        # the learning rates of a seed train in one stack: their epochs end together
+        epoch_ends = max(epoch_ends, curve["epoch_ends"], key=len)
+    if cell.curves:
+        tags["chosen_lr"] = f"{row['lr']:g}"
+    return stage.finished(
         name,
         cell.started,
         cell.ended,
         tags=tags,
         params={k: row[k] for k in keys + chosen},
-        # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
-        metrics={"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]},
-        history=cell.history,
-        epoch_ends=cell.epoch_ends,
+        metrics=metrics,
+        history=history,
+        epoch_ends=epoch_ends,
         inputs=inputs,
     )
-    for curve in cell.curves:
-        record.finished(
-            f"{name}/lr{curve['lr']:g}",
-            cell.started,
-            curve["epoch_ends"][-1] if curve["epoch_ends"] else cell.ended,
-            tags={"kind": "lr_curve", "chosen": str(curve["lr"] == row["lr"]).lower()},
-            params={"lr": curve["lr"]},
-            metrics={"best/val_acc": curve["val_acc"], "best_epoch": curve["best_epoch"]},
-            history=curve["history"],
-            epoch_ends=curve["epoch_ends"],
-        )
-    return record
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -73,8 +74,8 @@ USER_ERRORS = (
     LaunchError,
     ServiceError,
 )
-STOP_GRACE_S = 2.0  # after a signal, how long the main thread gets to unwind before we leave
-END_RUNS_S = 3.0  # then how long ending the open records as KILLED may take
+STOP_GRACE_S = 1.5  # after a signal, how long the main thread gets to unwind before we leave
+END_RUNS_S = 2.0  # then how long ending the open records as KILLED may take
 
 
 def configure_logging() -> None:
@@ -149,6 +150,10 @@ def command(body: Callable[[], object]) -> None:
         fail(err)
     except KeyboardInterrupt as err:
         leave(143 if isinstance(err, Terminated) else 130)
+    # The interpreter's last full garbage collection walks the libraries' ~400k objects: 1.5 to
+    # 4 s of exit on 2 busy cores, for nothing (no object of ours needs it). Exit hooks still
+    # run: Prefect stops its temporary server and sends its last logs.
+    gc.freeze()
 
 
 def install_stop_handlers() -> None:

@@ -19,7 +19,6 @@ from tasks.pretrain import pretrain
 from tasks.recording.recorder import MemoryRecorder
 from tasks.workspace.layout import Layout
 
-
 RECORDED = MemoryRecorder()  # what the stages recorded, kept in memory
 
 
@@ -148,19 +147,24 @@ def test_every_cell_is_recorded_with_its_training_time_and_every_lr(
                 row.test_acc - scratch.test_acc
             )
         if cell.params["strategy"] == "linear_probe":
-            assert cell.children == []  # the probe trains no epochs
+            assert "chosen_lr" not in cell.tags and not curve(cell)  # the probe trains no epochs
             continue
-        curves = cell.children
-        assert sorted(c.params["lr"] for c in curves) == sorted(cfg.lrs)
-        assert [c.tags["chosen"] for c in curves].count("true") == 1
-        chosen = next(c for c in curves if c.tags["chosen"] == "true")
-        assert chosen.params["lr"] == row.lr
-        assert curve(chosen) == curve(cell) and curve(
-            cell
-        )  # the cell shows the chosen lr's epochs
-        assert all(started <= c.times[1] <= ended for c in curves)
+        assert cell.tags["chosen_lr"] == f"{row.lr:g}"
+        assert curve(cell)  # the chosen lr's epochs, then each lr's under its prefix
+        for lr in cfg.lrs:
+            prefix = f"lr_{lr:g}/"
+            mine = [
+                (s, k.removeprefix(prefix), v) for s, k, v in cell.history if k.startswith(prefix)
+            ]
+            mine = [entry for entry in mine if entry[1] in EPOCH_METRICS]
+            assert mine and cell.metrics[f"lr_{lr:g}/best/val_acc"] <= 1
+            if lr == row.lr:
+                assert mine == curve(cell)
 
 
 def curve(record: MemoryRecorder) -> list[tuple[int, str, float]]:
-    """A record's per-epoch metrics (the summary metrics left out)."""
-    return [entry for entry in record.history if entry[1] in ("train/loss", "val/loss", "val/acc")]
+    """A record's per-epoch metrics of its chosen run (no summary, no other lr)."""
+    return [entry for entry in record.history if entry[1] in EPOCH_METRICS]
+
+
+EPOCH_METRICS = ("train/loss", "val/loss", "val/acc")

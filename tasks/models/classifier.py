@@ -75,10 +75,10 @@ class Classifier(nn.Module):
         self.head = nn.Linear(backbone.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+        return self.backbone(x)  # (B, D): what `extract` caches and the probe reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))  # (B, num_classes) logits
+        return self.head(self.features(x))  # (B, num_classes) logits
 
 
 def architecture(model: ModelParams, input_shape: tuple[int, int]) -> dict[str, Any]:

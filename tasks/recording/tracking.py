@@ -20,14 +20,16 @@ When a pipeline is interrupted or fails, every run it left open is ended KILLED 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
 import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,12 +86,13 @@ class Connection:
         a shared server made it since we looked) is not a failure."""
         if self.client is None or self.error is not None:
             return None
-        try:
-            return getattr(self.client, method)(*args, **kwargs)
-        except Exception as err:  # MLflow raises many kinds (HTTP, SQL, OS): all mean "lost"
-            if not (exists_ok and _already_exists(err)):
-                self.fail(err)
-            return None
+        with _signals_held():
+            try:
+                return getattr(self.client, method)(*args, **kwargs)
+            except Exception as err:  # MLflow raises many kinds (HTTP, SQL, OS): all mean "lost"
+                if not (exists_ok and _already_exists(err)):
+                    self.fail(err)
+                return None
 
     def fail(self, err: Exception) -> None:
         """Keep the first tracking error; every later record is skipped."""
@@ -113,6 +116,32 @@ class Connection:
 
 
 _CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until a database store's call in the main thread returns
+    (milliseconds). Raised inside SQLAlchemy, KeyboardInterrupt leaves the write transaction
+    open (an "exit exception": no rollback), so writing KILLED next waits out sqlite's 20 s busy
+    timeout and fails with "database is locked" (measured: 2 stops in 12). An HTTP store holds
+    no lock of ours: a signal there is taken at once."""
+    if threading.current_thread() is not threading.main_thread() or tracking_uri().startswith(
+        ("http://", "https://")
+    ):
+        yield
+        return
+    held: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: held.append(signum)) for s in _STOPS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        if held:
+            signal.raise_signal(held[0])  # now, to the handler the caller had
+
+
+_STOPS = (signal.SIGINT, signal.SIGTERM)
 
 
 def end_all_open_runs(status: str) -> None:
