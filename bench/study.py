@@ -24,9 +24,9 @@ strategies (scratch; finetune, lp_ft and partial with `backbone_lr_scale`, parti
 `freeze_blocks` frozen). Validation and test are scored in batches of 1,024 through a
 DataLoader. The linear probe (and LP-FT's head) uses the same L-BFGS solver
 (`tasks.learning.probe.fit_probe`) on both sides: the naive side only adds its MLflow run, so
-the probe does not flatter our ratio. Data order differs between the sides (DataLoader vs our seeded
-permutation), so accuracies agree in distribution, not bit for bit: they are compared against
-the spread over seeds.
+the probe does not flatter our ratio. Data order differs between the sides (DataLoader vs our
+seeded permutation), so accuracies agree in distribution, not bit for bit: they are compared
+against the spread over seeds.
 
 Timed: the grid only, from loading the target's files to the last MLflow record; creating each
 store and parent run is not timed. With `--reps` above 1 both sides are repeated alternately

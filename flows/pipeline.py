@@ -11,6 +11,7 @@ costs a second or two and one `error:` line, and changes nothing.
 from __future__ import annotations
 
 import os
+import re
 
 from tasks import frame
 from tasks.recording.store import tracking_uri
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             except RuntimeError as err:
                 if EPHEMERAL_TIMEOUT not in str(err):
                     raise
-                raise frame.ServiceError(_start_failure()) from None
+                raise frame.ServiceError(_start_failure(str(err))) from None
 
     frame.command(body)
     print(f"\n{result[0]}\n")
@@ -69,11 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     print("DVC:     dvc metrics show   |   dvc repro reproduces the same numbers")
 
 
-def _start_failure() -> str:
+def _start_failure(reason: str) -> str:
     waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+    exited = re.search(r"exited with code (-?\d+)", reason)
+    how = f"exited with code {exited[1]}" if exited else f"did not start within {waited} s"
     return (
-        f"Prefect's temporary API server did not start within {waited} s (is the machine "
-        "busy?); nothing was run. Run the command again, raise "
+        f"Prefect's temporary API server {how} (is the machine busy?); nothing was run. "
+        "Run the command again, raise "
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or start a Prefect server once "
         "(`prefect server start`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
     )

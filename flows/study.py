@@ -7,41 +7,28 @@ served deployment (flows/serve.py).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
-# Before Prefect is imported: route the stages' progress logs through Prefect (console and UI),
-# and keep the local server from phoning home (machines without network print an error).
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
-# ...and let the stage functions log quietly when called outside a flow (tests, notebooks).
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-# Prefect's temporary server waits 20 s for itself by default; its first start on a new
-# PREFECT_HOME took 13 s on an idle 2-core machine and missed 20 s every time with 4 busy
-# processes beside it. A user's own setting wins.
-STARTUP_TIMEOUT_S = "180"
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", STARTUP_TIMEOUT_S)
+from prefect import Task, flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.states import State
+from prefect.tasks import exponential_backoff
 
-from prefect import Task, flow, task  # noqa: E402
-from prefect.artifacts import create_table_artifact  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.client.schemas.objects import TaskRun  # noqa: E402
-from prefect.context import get_run_context  # noqa: E402
-from prefect.futures import as_completed  # noqa: E402
-from prefect.states import State  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
-from flows.runners import share_api_with_local_workers  # noqa: E402
-from tasks import frame  # noqa: E402
-from tasks.analysis.report import read_verdicts, verdict_table  # noqa: E402
-from tasks.compare import compare  # noqa: E402
-from tasks.config.params import DEFAULT_PARAMS, load_params  # noqa: E402
-from tasks.extract import extract  # noqa: E402
-from tasks.finetune import Fanout, TargetGrid, train_group  # noqa: E402
-from tasks.prepare import prepare  # noqa: E402
-from tasks.pretrain import pretrain  # noqa: E402
-from tasks.recording.versioning import Versioning  # noqa: E402
-from tasks.workspace.layout import Layout  # noqa: E402
+from flows.runners import share_api_with_local_workers
+from tasks import frame
+from tasks.analysis.report import read_verdicts, verdict_table
+from tasks.compare import compare
+from tasks.config.params import DEFAULT_PARAMS, load_params
+from tasks.extract import extract
+from tasks.finetune import Fanout, TargetGrid, train_group
+from tasks.prepare import prepare
+from tasks.pretrain import pretrain
+from tasks.recording.versioning import Versioning
+from tasks.workspace.layout import Layout
 
 log = logging.getLogger("flows.study")
 # Set by flows.pipeline's command line: this process's signals are the frame's (a deployment's
@@ -129,8 +116,8 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
             raise failures[0]
         run.run("compare", compare_)
         verdicts = verdict_table(read_verdicts(layout.reports / "verdicts.csv"))
-        ran, skipped = ",".join(dvc.ran) or "none", ",".join(dvc.skipped) or "none"
-        run.recorder.log(tags={"stages.run": ran, "stages.skipped": skipped})
+        ran, skipped = dvc.ran or ["none"], dvc.skipped or ["none"]
+        run.recorder.log(tags={"stages.run": ",".join(ran), "stages.skipped": ",".join(skipped)})
         if dvc.push_if_remote():
             run.recorder.log(tags={"dvc.pushed": "true"})
         create_table_artifact(
@@ -140,5 +127,5 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
             "Full report: reports/report.md",
         )
     dvc.close()
-    log.info("stages run: %s; up to date: %s", ran, skipped)
+    log.info("stages run: %s; up to date: %s", ", ".join(ran), ", ".join(skipped))
     return verdicts.to_markdown(index=False, disable_numparse=True)

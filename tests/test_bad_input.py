@@ -170,6 +170,7 @@ def test_a_user_error_inside_the_flow_is_one_line_and_not_retried(workspace: Pat
     def edit(doc: dict) -> None:
         doc["targets"] = {"short": {"kind": "npz", "path": "data/raw/short.npz"}}
         doc["flow"] |= {"retries": 2, "retry_delay_seconds": 30}
+        doc["pretrain"] |= {"max_epochs": 1}  # any backbone will do
 
     edit_params(workspace, edit)
     result = run_command([*FLOW, "--params", "bad.yaml"], cwd=workspace)

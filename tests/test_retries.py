@@ -25,7 +25,7 @@ def prefect_api():
 def test_a_transient_failure_is_retried_and_the_run_completes(
     runs, prefect_api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flows.pipeline import pipeline
+    from flows.study import transfer_study
 
     workspace = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(workspace)
@@ -39,7 +39,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(
         return probe(*args, **kwargs)
 
     monkeypatch.setitem(finetune_stage.STRATEGIES, "linear_probe", flaky_probe)
-    markdown = pipeline("params.yaml")
+    markdown = transfer_study("params.yaml")
     assert failures == ["failed once"]
     assert "| target" in markdown
     for target in ("new_classes", "shifted"):
