@@ -1,6 +1,6 @@
 """Wall time of the published MNIST-1D generator (`mnist1d.data.make_dataset`, a Python loop per
-example) beside the vectorised one (`tasks.mnist1d_fast.make_dataset_fast`) at 100,000 examples,
-default args otherwise.
+example) beside the vectorised one (`tasks.data.mnist1d_fast.make_dataset_fast`) at 100,000
+examples, default args otherwise.
 
     python bench/generate.py [--samples 100000] [--reference-reps 1] [--fast-reps 3]
 

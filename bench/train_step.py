@@ -1,5 +1,6 @@
-"""Samples per second of our training loop (`tasks.train.fit`) beside a minimal bare PyTorch loop,
-each with and without `torch.compile`, on the same model, data, batch size and optimizer.
+"""Samples per second of our training loop (`tasks.learning.train.fit`) beside a minimal bare
+PyTorch loop, each with and without `torch.compile`, on the same model, data, batch size and
+optimizer.
 
     python bench/train_step.py [--params params.yaml] [--samples 17500] [--epochs 3] [--reps 7]
 
@@ -69,7 +70,7 @@ def bare_loop(
 
 
 def our_loop(model: nn.Module, train: DeviceData, epochs: int, batch_size: int, lr: float) -> None:
-    """`tasks.train.fit` without a validation split: trains exactly `epochs` epochs."""
+    """`tasks.learning.train.fit` without a validation split: trains exactly `epochs` epochs."""
     schedule = TrainParams(max_epochs=epochs, patience=epochs, batch_size=batch_size)
     fit(model, [{"params": model.parameters(), "lr": lr}], train, None, schedule, seed=0)
 

@@ -6,11 +6,11 @@ any module of this package imports it. A user's own settings win.
 
 import os
 
-# Route the stages' progress logs through Prefect (console and UI), and keep the local server
-# from phoning home (machines without network print an error).
+# Route the stages' progress logs through Prefect (console and UI)...
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
 # ...and let the stage functions log quietly when called outside a flow (tests, notebooks).
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# Keep the local server from phoning home (machines without network print an error).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Prefect's temporary server waits 20 s for itself by default; its first start on a new
 # PREFECT_HOME took 13 s on an idle 2-core machine and missed 20 s every time with 4 busy

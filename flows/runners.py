@@ -9,7 +9,7 @@
   this machine. Workers need this project installed (the same code and torch) and must reach the
   flow's Prefect API, where each group reports its task run; nothing else: each group gets its
   arrays and the checkpoint as arguments and sends its cells back, and the flow writes every
-  file, MLflow record and DVC entry (flows/pipeline.py).
+  file, MLflow record and DVC entry (flows/study.py).
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ DVC like a `dvc repro` (tasks/recording/versioning.py).
 from __future__ import annotations
 
 import os
+import signal
+from typing import Any
 
 from tasks import frame
-from tasks.config.params import ParamsError
 from tasks.workspace.layout import Layout
 
 
@@ -26,26 +27,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="deployment name (default: flow.deployment)")
     args = parser.parse_args(argv)
 
+    checked: list[Any] = []
+
     def body() -> None:
         params = frame.load(args)  # refuse bad params and data before serving
         frame.preflight(params, Layout())
         if not os.environ.get("PREFECT_API_URL"):
-            raise ParamsError(
+            raise frame.ServiceError(
                 "schedules need a Prefect server: start one (`prefect server start`) and set "
                 "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api"
             )
         from flows.runners import task_runner
-        from flows.study import transfer_study
 
-        runner = task_runner(params.flow)  # and a runner that cannot be built
-        transfer_study.with_options(task_runner=runner).serve(
-            name=args.name or params.flow.deployment,
-            cron=args.cron or params.flow.cron,
-            parameters={"params_path": str(args.params), "overrides": args.overrides},
-            global_limit=1,  # one run at a time per workspace; later triggers wait their turn
-        )
+        checked.append(task_runner(params.flow))  # and a runner that cannot be built
+        checked.append(params)
 
     frame.command(body)
+    runner, params = checked
+    # Serving is Prefect's own loop: on Ctrl-C it pauses the deployment and cancels its runs
+    # itself (each run is a process of its own, in the frame of flows.study).
+    for signum, handler in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ):
+        signal.signal(signum, handler)
+    from flows.study import transfer_study
+
+    transfer_study.with_options(task_runner=runner).serve(
+        name=args.name or params.flow.deployment,
+        cron=args.cron or params.flow.cron,
+        parameters={"params_path": str(args.params), "overrides": args.overrides},
+        global_limit=1,  # one run at a time per workspace; later triggers wait their turn
+    )
 
 
 if __name__ == "__main__":

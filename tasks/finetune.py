@@ -337,16 +337,24 @@ class TargetGrid:
 
     def _record(self, cells: list[Cell]) -> None:
         for cell in cells:
-            self.records[cell.key] = _record_cell(self.stage, cell, self.inputs)
-        # a transfer cell's gain over scratch, once the scratch run of its subset is in
-        for key, record in self.records.items():
-            strategy, fraction, seed = key
-            scratch = self.progress.cells.get(("scratch", fraction, seed))
-            if strategy == "scratch" or scratch is None or key in self.gains_recorded:
-                continue
-            gain = self.progress.cells[key].row["test_acc"] - scratch.row["test_acc"]
-            record.log(metrics={"gain_vs_scratch": gain})
-            self.gains_recorded.add(key)
+            gain = self._gain(cell.key)
+            self.records[cell.key] = _record_cell(self.stage, cell, self.inputs, gain)
+            if gain is not None:
+                self.gains_recorded.add(cell.key)
+        # the gains of transfer cells recorded before the scratch run of their subset was in
+        for key in set(self.records) - self.gains_recorded:
+            gain = self._gain(key)
+            if gain is not None:
+                self.records[key].log(metrics={"gain_vs_scratch": gain})
+                self.gains_recorded.add(key)
+
+    def _gain(self, key: tuple[str, float, int]) -> float | None:
+        """A transfer cell's gain over scratch on the same subset, once both are in."""
+        strategy, fraction, seed = key
+        scratch = self.progress.cells.get(("scratch", fraction, seed))
+        if strategy == "scratch" or scratch is None:
+            return None
+        return self.progress.cells[key].row["test_acc"] - scratch.row["test_acc"]
 
     def finish(self) -> pd.DataFrame:
         """Write the results table (the grid must be done) and forget the progress file."""
@@ -426,10 +434,13 @@ class Fanout:
 def finetune(params: Params, target: str, layout: Layout, recorder: Recorder) -> pd.DataFrame:
     """Run the grid for one target, one group after another, and write its results table.
     The groups train in a thread of their own, so that each is recorded as it finishes."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
         fanout = Fanout(lambda data, group: pool.submit(train_group, data, params, group))
         fanout.add(TargetGrid(params, target, layout), recorder)
         errors = fanout.collect()
+    finally:  # stopped (Ctrl-C) or failed: do not wait for the group in training
+        pool.shutdown(wait=False, cancel_futures=True)
     if errors:
         raise errors[0]
     return fanout.tables[target]
@@ -472,7 +483,7 @@ def data_files(target: str, layout: Layout) -> list[Path]:
     return inputs + [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
 
 
-def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path]) -> Recorder:
+def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path], gain: float | None) -> Recorder:
     """One finished run per grid cell (filter on target and fraction to see transfer beside
     scratch), timed as its training was. Its curves are the chosen learning rate's epochs, and
     every learning rate's under `lr_<lr>/` (one chart per metric shows them side by side), with
@@ -487,6 +498,8 @@ def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path]) -> Recorder:
     chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
     # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
     metrics = {"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]}
+    if gain is not None:
+        metrics["gain_vs_scratch"] = gain
     history = [dict(epoch) for epoch in cell.history]
     epoch_ends = list(cell.epoch_ends)
     for curve in cell.curves:

@@ -218,6 +218,7 @@ def _terminate_children() -> None:
 def fail(err: BaseException) -> NoReturn:
     """Print a user error on one line and exit: 2 for bad params, 1 for anything else."""
     print(f"error: {err}", file=sys.stderr)
+    gc.freeze()  # as after a success: no final collection over the libraries' objects
     sys.exit(2 if isinstance(err, ParamsError) else 1)
 
 
@@ -255,7 +256,6 @@ def execution(
     execution_id: str | None = None,
     layout: Layout | None = None,
     versioning: Versioning | None = None,
-    lock: bool = True,
 ) -> Iterator[Execution]:
     """Hold the workspace, open the execution's parent record (a stage command joins the one of
     its `dvc repro`; see tasks/recording/tracking.py), and end it with the right status. After a
@@ -264,8 +264,7 @@ def execution(
     from tasks.recording import tracking  # seconds of import: only once the work is due
 
     layout = layout or Layout()
-    held = workspace_lock(layout.root) if lock else contextlib.nullcontext()
-    with held:
+    with workspace_lock(layout.root):
         if orchestrator == "stage":
             parent = tracking.join_stage_parent(params.experiment)
         else:
@@ -298,8 +297,7 @@ def stage_command(
 
     def body() -> None:
         params = load(args)
-        check_tracking(tracking_uri())
-        with execution(params, "stage") as run:
+        with execution(params, "stage") as run:  # checks the tracking store first
             target = [args.target] if per_target else []
             stage(params, *target, run.layout, run.recorder)
 

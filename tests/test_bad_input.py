@@ -343,7 +343,7 @@ def wait_for(path: Path, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-# The README promises a stop within 4 s: typically 0.1 s (the work unwinds, its records end
+# The README promises a stop within 10 s: typically 0.1 s (the work unwinds, its records end
 # KILLED), at worst 1.5 s for the work to unwind plus 2 s to end the records (tasks/frame.py).
 STOP_BOUND_S = 8
 LONG_PRETRAIN = ["--set", "pretrain.max_epochs=150", "--set", "pretrain.patience=150"]

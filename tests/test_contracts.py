@@ -15,13 +15,9 @@ from dvc.repo import Repo
 from pydantic import BaseModel
 
 from tasks.config.params import Params, load_params
+from tasks.recording.recorder import Recorder as NoRecorder
 from tasks.workspace.layout import Layout
 from tests.helpers import REPO
-
-try:  # the stages' no-op recorder, under its new name or its old one
-    from tasks.recording.recorder import Recorder as NoRecorder
-except ImportError:  # pragma: no cover - before the rename
-    from tasks.recording.tracking import NullRun as NoRecorder
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 STAGES = ["prepare", "pretrain", "extract", "finetune", "compare"]
@@ -50,22 +46,9 @@ def test_every_output_persists_while_its_stage_runs() -> None:
                 assert isinstance(entry, dict) and next(iter(entry.values()))["persist"], entry
 
 
-def flow_tasks() -> Any:
-    """The module that defines the Prefect flow's stage tasks (flows/study.py, formerly
-    flows/pipeline.py)."""
-    for name in ("flows.study", "flows.pipeline"):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, "prepare_task"):
-            return module
-    raise AssertionError("no flow module defines the stage tasks")
-
-
 def test_stage_name_is_module_is_function_and_the_flow_runs_the_same_function() -> None:
     assert list(DVC) == STAGES
-    pipeline = flow_tasks()
+    pipeline = importlib.import_module("flows.study")  # the flow's stage tasks
     for stage in STAGES:
         assert body(stage)["cmd"].startswith(f"python -m tasks.{stage}")
         module = importlib.import_module(f"tasks.{stage}")
@@ -129,7 +112,7 @@ def test_user_data_folder_is_a_prepare_dependency() -> None:
 # --- code: every module a stage runs is a dependency --------------------------------------------
 
 # Modules that do not change what a stage writes: where files go, the workspace lock, the
-# records (MLflow), the execution frame (tasks/cli.py before it), and contracts.py, which only
+# records (MLflow), the execution frame, and contracts.py, which only
 # decides whether a saved state is resumed. Empty __init__.py files (a docstring at most) are
 # left out as well.
 NOT_OUTPUT_RELEVANT = {
@@ -137,7 +120,6 @@ NOT_OUTPUT_RELEVANT = {
     "tasks/workspace/lock.py",
     "tasks/workspace/contracts.py",
     "tasks/frame.py",
-    "tasks/cli.py",
 }
 NOT_OUTPUT_RELEVANT_FOLDERS = ("tasks/recording/",)
 
@@ -295,10 +277,9 @@ class Reads:
     """The dotted params keys read through `Tracked` stand-ins."""
 
     # Reads made while computing a resume fingerprint are left out: that reads the declared
-    # keys by construction (tasks/workspace/contracts.py; the stages' `_fingerprint` until
-    # they call it), and is checked against dvc.yaml in tests/test_stage_contracts.py.
+    # keys by construction (tasks/workspace/contracts.py), and is checked against dvc.yaml in
+    # tests/test_stage_contracts.py.
     IGNORED_MODULES = ("tasks.workspace.contracts",)
-    IGNORED_FUNCTIONS = ("_fingerprint",)
 
     def __init__(self) -> None:
         self.keys: set[str] = set()
@@ -306,10 +287,7 @@ class Reads:
     def add(self, key: str) -> None:
         frame = sys._getframe(2)
         while frame is not None:
-            if (
-                frame.f_globals.get("__name__") in self.IGNORED_MODULES
-                or frame.f_code.co_name in self.IGNORED_FUNCTIONS
-            ):
+            if frame.f_globals.get("__name__") in self.IGNORED_MODULES:
                 return
             frame = frame.f_back
         self.keys.add(key)

@@ -3,10 +3,10 @@
 With `pretrain.processes: N` > 1 the stage runs itself again as N processes on this machine,
 `python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.pretrain`, and waits
 for them (`launch`); on several machines, torchrun is started by hand on each (README). Every
-process is a rank (`worker_main`): it trains on its share of each batch (tasks.train.Shard),
-and the ranks' gradients are averaged (NCCL on CUDA, gloo on CPU). Only rank 0 writes the
-checkpoint, the resume state and the metrics, and records to MLflow; the other ranks never
-touch MLflow.
+process is a rank (`rank_command`): it trains on its share of each batch
+(tasks.learning.train.Shard), and the ranks' gradients are averaged (NCCL on CUDA, gloo on CPU).
+Only rank 0 writes the checkpoint, the resume state and the metrics, and records; the other
+ranks record nothing.
 
 The launcher holds what every stage command holds (tasks/frame.py): the workspace lock and the
 execution's parent record (the flow's, the one of `dvc repro`, or its own). It hands the parent
@@ -40,7 +40,6 @@ from tasks.workspace.layout import Layout
 
 # Set by `launch` for the ranks it starts: JSON of the workspace root and the MLflow parent.
 LAUNCH_ENV = "TRANSFER_STUDY_LAUNCHER"
-STOP_GRACE_S = 30  # how long stopped ranks get to end their MLflow runs before they are killed
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +83,12 @@ def launch(params: Params, layout: Layout, recorder: Recorder) -> dict[str, floa
 def _wait(process: subprocess.Popen) -> int:
     """The launched torchrun's exit code. If this process is stopped meanwhile (Ctrl-C,
     SIGTERM, a cancelled flow), torchrun is stopped too: it passes SIGTERM on to the ranks,
-    whose runs then end KILLED, with the last complete epoch kept for a rerun."""
+    whose runs then end KILLED, with the last complete epoch kept for a rerun (the frame sends
+    every child process SIGTERM as well, tasks/frame.py)."""
     try:
         return process.wait()
     except BaseException:
         process.terminate()
-        try:
-            process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
         raise
 
 

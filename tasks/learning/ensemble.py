@@ -6,14 +6,14 @@ per-operation overhead for a few kilobytes of arithmetic. Here the members' weig
 along a leading member axis and one `vmap`ped forward and backward (`torch.func.functional_call`)
 serves all of them per step.
 
-Each member keeps everything a separate run has: its own starting weights, training subset,
-data order (its own seeded generator, as in `tasks.train.fit`), learning rate, Adam state and
-early stopping. A member whose patience runs out leaves the stack (its weights frozen at its
-best epoch), so the others run on without it. The result equals what `tasks.train.fit` gives
-for each member alone, up to float rounding (tests/test_ensemble.py shows it); the rounding
-depends on the stack's size, so a member's last bits change with the company it keeps. Members must
-share an architecture and which parameters train; members with training sets of different
-sizes take different numbers of steps per epoch, so they train in separate stacks.
+Each member keeps everything a separate run has: its own starting weights, training subset, data
+order (its own seeded generator, as in `tasks.learning.train.fit`), learning rate, Adam state
+and early stopping. A member whose patience runs out leaves the stack (its weights frozen at its
+best epoch), so the others run on without it. The result equals what `tasks.learning.train.fit`
+gives for each member alone, up to float rounding (tests/test_ensemble.py shows it); the
+rounding depends on the stack's size, so a member's last bits change with the company it keeps.
+Members must share an architecture and which parameters train; members with training sets of
+different sizes take different numbers of steps per epoch, so they train in separate stacks.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from tasks.config.params import TrainParams
 from tasks.learning.train import DeviceData, FitResult, autocast
 
-# torch.optim.Adam's defaults, which `tasks.train.fit` uses
+# torch.optim.Adam's defaults, which `tasks.learning.train.fit` uses
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 Weights = dict[str, torch.Tensor]  # parameter name -> (M, *shape): one slice per member
@@ -54,7 +54,7 @@ def fit_ensemble(
     cfg: TrainParams,
     lr_scale: Callable[[str], float] = lambda name: 1.0,
 ) -> list[tuple[FitResult, nn.Module]]:
-    """Train every member as `tasks.train.fit` would (Adam, early stopping on validation
+    """Train every member as `tasks.learning.train.fit` would (Adam, early stopping on validation
     accuracy, ties to the lower loss, best epoch's weights kept) and return, in the members'
     order, each one's result and trained copy of its model. The members' models are not
     modified. `lr_scale(name)` multiplies a member's lr for the parameter `name` (discriminative

@@ -10,7 +10,7 @@ no tracking passes this base class, which records nothing, and tests pass `Memor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,6 @@ class Recorder:
         step: int = 0,
     ) -> None:
         """Params, metrics (at one step) and tags."""
-
-    def log_history(self, history: Iterable[dict[str, float]]) -> None:
-        """Per-epoch metrics, `step` = epoch."""
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         """A file, kept beside the record (under `folder`)."""
@@ -116,7 +113,9 @@ class MemoryRecorder(Recorder):
     ) -> MemoryRecorder:
         record = self.child(name, tags, inputs)
         record.log(params, metrics)
-        record.log_history(history)
+        record.history += [
+            (epoch, k, float(v)) for epoch, values in enumerate(history) for k, v in values.items()
+        ]
         record.times, record.status = (started, ended), "FINISHED"
         return record
 
@@ -131,11 +130,6 @@ class MemoryRecorder(Recorder):
         self.metrics |= metrics or {}
         self.tags |= tags or {}
         self.history += [(step, k, float(v)) for k, v in (metrics or {}).items()]
-
-    def log_history(self, history: Iterable[dict[str, float]]) -> None:
-        self.history += [
-            (epoch, k, float(v)) for epoch, values in enumerate(history) for k, v in values.items()
-        ]
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         self.artifacts.append((path, folder))

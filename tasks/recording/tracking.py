@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from tasks.recording.store import TrackingError, check_tracking, tracking_uri
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_ALIAS = "current"  # the newest registered backbone ("latest" is reserved by MLflow)
-_BATCH = 1000  # MLflow's limit of metrics per log_batch request (params: 100)
+_BATCH = 1000  # MLflow's limit of items per log_batch request (of them params: 100)
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # a line per store opened
@@ -120,13 +120,13 @@ _CONNECTIONS: weakref.WeakSet[Connection] = weakref.WeakSet()
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until a database store's call in the main thread returns
+    """Hold Ctrl-C and SIGTERM until a sqlite store's call in the main thread returns
     (milliseconds). Raised inside SQLAlchemy, KeyboardInterrupt leaves the write transaction
     open (an "exit exception": no rollback), so writing KILLED next waits out sqlite's 20 s busy
-    timeout and fails with "database is locked" (measured: 2 stops in 12). An HTTP store holds
-    no lock of ours: a signal there is taken at once."""
-    if threading.current_thread() is not threading.main_thread() or tracking_uri().startswith(
-        ("http://", "https://")
+    timeout and fails with "database is locked" (measured: 2 stops in 12). A server's store
+    (HTTP, or a database over the network, which may hang) takes a signal at once."""
+    if threading.current_thread() is not threading.main_thread() or not tracking_uri().startswith(
+        "sqlite:"
     ):
         yield
         return
@@ -244,24 +244,17 @@ class Run(Recorder):
             [RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
-    def log_history(self, history: Iterable[dict[str, float]]) -> None:
-        """Per-epoch metrics (`step` = epoch), written in as few requests as MLflow allows."""
-        stamp = _now_ms()
-        metrics = [
-            Metric(k, float(v), stamp, epoch)
-            for epoch, values in enumerate(history)
-            for k, v in values.items()
-        ]
-        self._batch(metrics, [], [])
-
     def _batch(self, metrics: list[Metric], params: list[Param], tags: list[RunTag]) -> None:
         if self.run_id is None:
             return
         while metrics or params or tags:
+            # MLflow takes at most 1000 items per request (metrics, params and tags together)
+            # and 100 of them params
+            room = _BATCH - len(params[:100]) - len(tags[:100])
             self.connection.call(
-                "log_batch", self.run_id, metrics[:_BATCH], params[:100], tags[:100]
+                "log_batch", self.run_id, metrics[:room], params[:100], tags[:100]
             )
-            metrics, params, tags = metrics[_BATCH:], params[100:], tags[100:]
+            metrics, params, tags = metrics[room:], params[100:], tags[100:]
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.run_id is not None:
@@ -340,6 +333,14 @@ class Run(Recorder):
         self.set_status(status)
         if self.top_level:
             self.connection.end_open_runs(status)  # what other threads left open, too
+
+
+def open_store() -> None:
+    """Open the tracking store now (a new sqlite store creates its tables: 1 to 2 s); MLflow
+    keeps it open for every client of the same URI. A store that fails is reported later, by
+    the execution that needs it."""
+    with contextlib.suppress(Exception):
+        _ = MlflowClient(tracking_uri())._tracking_client.store
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
