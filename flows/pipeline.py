@@ -84,6 +84,7 @@ class _Boot(threading.Thread):
     def __init__(self) -> None:
         super().__init__(daemon=True)
         # imported here, in the main thread: imports from two threads at once can deadlock
+        import prefect.main  # noqa: F401  (sets up Prefect's logging: the server's start is told)
         from prefect.server.api.server import SubprocessASGIServer
         from prefect.settings import get_current_settings
 

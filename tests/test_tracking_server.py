@@ -401,7 +401,8 @@ def test_parallel_writers_lose_and_duplicate_no_run(
                         params={"writer": writer, "index": index},
                         metrics={"value": writer * 100 + index},
                     )
-                    run.log_history([{"loss": 1.0 / (epoch + 1)} for epoch in range(3)])
+                    for epoch in range(3):
+                        run.log(metrics={"loss": 1.0 / (epoch + 1)}, step=epoch)
 
         threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
         for thread in threads:
