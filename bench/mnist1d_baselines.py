@@ -22,7 +22,8 @@ from mnist1d.data import get_dataset_args, make_dataset
 
 from tasks.config.params import TrainParams, load_params
 from tasks.learning.train import DeviceData, evaluate, fit
-from tasks.models.classifier import architecture, build_classifier
+from tasks.models.classifier import build_classifier
+from tasks.models.shapes import architecture
 
 PUBLISHED = {"logistic regression": 0.32, "mlp": 0.68, "cnn1d": 0.94, "gru": 0.91}
 STEPS, BATCH, LR = 6000, 100, 1e-2

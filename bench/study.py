@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tasks.config.params import FinetuneParams, Params, load_params
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
-from tasks.data.subsets import label_subset
+from tasks.data.subsets import label_subset, resolve_budgets
 from tasks.finetune import finetune
 from tasks.learning.probe import ProbeResult, fit_probe
 from tasks.learning.runtime import configure
@@ -210,17 +210,18 @@ def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
         device=configure(params.runtime),  # threads and device, as the stage sets them
     )
     rows = []
+    budgets, _ = resolve_budgets(data.inputs["train"].y, cfg.fractions, cfg.shots)
     for strategy in cfg.strategies:
-        for fraction in cfg.fractions:
+        for budget in budgets:
             for seed in cfg.seeds:
-                subset = label_subset(data.inputs["train"].y, fraction, seed)
-                name = f"{target}/{strategy}/f{fraction:g}/s{seed}"
+                subset = label_subset(data.inputs["train"].y, budget.per_class, seed)
+                name = f"{target}/{strategy}/{budget.name}/s{seed}"
                 with mlflow.start_run(run_name=name, nested=True):
                     mlflow.log_params(
                         {
                             "target": target,
                             "strategy": strategy,
-                            "fraction": fraction,
+                            "budget": budget.name,
                             "seed": seed,
                             "n_labels": len(subset),
                         }
@@ -236,7 +237,7 @@ def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
                         row = train_network(strategy, data, subset, cfg, seed)
                     mlflow.log_metric("test_acc", row["test_acc"])
                 rows.append(
-                    {"target": target, "strategy": strategy, "fraction": fraction, "seed": seed}
+                    {"target": target, "strategy": strategy, "budget": budget.name, "seed": seed}
                     | row
                 )
     return pd.DataFrame(rows)

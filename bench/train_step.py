@@ -40,7 +40,8 @@ from torch import nn
 from tasks.config.params import TrainParams, load_params
 from tasks.learning.runtime import configure
 from tasks.learning.train import DeviceData, fit
-from tasks.models.classifier import architecture, build_classifier
+from tasks.models.classifier import build_classifier
+from tasks.models.shapes import architecture
 
 Loop = Callable[[nn.Module, DeviceData, int, int, float], None]
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import threading
+from pathlib import Path
 
 from tasks import frame
+from tasks.config.params import DEFAULT_PARAMS
 from tasks.recording.store import tracking_uri
 from tasks.workspace.layout import Layout
 from tasks.workspace.lock import workspace_lock
@@ -73,7 +76,22 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"MLflow:  mlflow ui --backend-store-uri {tracking_uri()}   (then http://127.0.0.1:5000)"
     )
-    print("DVC:     dvc metrics show   |   dvc repro reproduces the same numbers")
+    print(f"DVC:     {_versioning_hint(args.params, args.overrides)}")
+
+
+def _versioning_hint(params_path: Path, overrides: list[str]) -> str:
+    """How to reproduce this run with DVC: `dvc repro` does for params.yaml as it is; a run with
+    another params file or `--set` is not in dvc.lock (flow.* settings never change results)."""
+    study = [o for o in overrides if not o.startswith("flow.")]
+    if params_path != DEFAULT_PARAMS:
+        return (
+            f"dvc versions params.yaml only: this run used {params_path}; to version it, put "
+            "its values in params.yaml and run `dvc exp run`"
+        )
+    if study:
+        sets = " ".join(f"-S {shlex.quote(o)}" for o in study)
+        return f"this run's --set values are not in dvc.lock; to version it: dvc exp run {sets}"
+    return "dvc metrics show   |   dvc repro reproduces the same numbers"
 
 
 class _Boot(threading.Thread):

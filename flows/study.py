@@ -22,11 +22,12 @@ from flows.runners import share_api_with_local_workers
 from tasks import frame
 from tasks.analysis.report import read_verdicts, verdict_table
 from tasks.compare import compare
-from tasks.config.params import DEFAULT_PARAMS, load_params
+from tasks.config.params import DEFAULT_PARAMS, Params, load_params
 from tasks.extract import extract
 from tasks.finetune import Fanout, TargetGrid, train_group
 from tasks.prepare import prepare
 from tasks.pretrain import pretrain
+from tasks.recording.recorder import Recorder
 from tasks.recording.versioning import Versioning
 from tasks.workspace.layout import Layout
 
@@ -65,9 +66,26 @@ prepare_task = _stage(prepare, name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain")
 extract_task = _stage(extract, name="extract", task_run_name="extract-{target}")
 train_group_task = _stage(
-    train_group, name="finetune", task_run_name="{data.name}/{group.strategy}/f{group.fraction}"
+    train_group, name="finetune", task_run_name="{data.name}/{group.strategy}/{group.budget.name}"
 )
 compare_task = _stage(compare, name="compare")
+
+
+def _compare_the_others(
+    compare_: Task, params: Params, layout: Layout, recorder: Recorder, failed: dict
+) -> None:
+    """One target's failure does not cost the others their comparison: compare those that
+    finished, with the failed listed in the report, then fail the flow. DVC does not record this
+    partial comparison, so the next run that finishes every target compares them all."""
+    errors = {target: str(err).splitlines()[0] for target, err in failed.items()}
+    if len(failed) < len(params.targets):
+        compare_(params, layout, recorder, failed=errors)
+        where = "reports/report.md compares the others and lists the failed"
+    else:
+        where = "nothing to compare"
+    listed = "; ".join(f"{target}: {error}" for target, error in errors.items())
+    count = f"{len(failed)} of {len(params.targets)} targets failed"
+    raise frame.TargetsFailed(f"{count} ({where}): {listed}")
 
 
 @flow(name="transfer-study")
@@ -111,9 +129,9 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
                     fanout.add(TargetGrid(params, target, layout), run.recorder)
             except Exception as err:  # the other targets go on; their work is kept
                 fanout.fail(target, err)
-        failures = fanout.collect()
-        if failures:
-            raise failures[0]
+        failed = fanout.collect()
+        if failed:
+            _compare_the_others(compare_, params, layout, run.recorder, failed)
         run.run("compare", compare_)
         verdicts = verdict_table(read_verdicts(layout.reports / "verdicts.csv"))
         ran, skipped = dvc.ran or ["none"], dvc.skipped or ["none"]

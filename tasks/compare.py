@@ -1,11 +1,14 @@
 """Stage `compare`: transfer against scratch, with statistics, from the result files alone.
 
 Writes to reports/:
-- comparison.csv / .md: one row per target x strategy x label fraction (means, intervals, paired
+- comparison.csv / .md: one row per target x strategy x label budget (means, intervals, paired
   gains, relative error reduction, effective data multiplier, verdict);
 - summary.csv: one row per target x strategy (area under the learning curve, data multipliers);
-- verdicts.csv: one row per target x fraction (the best transfer strategy, chosen on validation);
+- verdicts.csv: one row per target x budget (the best transfer strategy, chosen on validation);
 - report.md with plots/<target>_{curves,gain,features}.png, and metrics.json for DVC.
+
+A target that failed earlier in the execution (`failed`, from the flow) is listed in the report
+with its error, and the others are compared without it.
 """
 
 from __future__ import annotations
@@ -23,43 +26,48 @@ from tasks.analysis.statistics import (
     effective_data_multiplier,
     paired_difference,
     relative_error_reduction,
+    snap,
     t_interval,
     verdict,
 )
 from tasks.config.params import Params
-from tasks.data.datasets import load_meta, load_split
+from tasks.data.datasets import MIN_VAL_PER_CLASS, load_meta, load_split
+from tasks.data.subsets import resolve_budgets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
-KEYS = ["target", "strategy", "fraction"]
+KEYS = ["target", "strategy", "budget"]
+# Ties of mean validation accuracy and loss between transfer strategies go to the simpler one:
+# fewer trained parameters, then fewer steps.
+SIMPLICITY = ["linear_probe", "partial", "finetune", "lp_ft"]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    table: pd.DataFrame  # target x strategy x fraction
+    table: pd.DataFrame  # target x strategy x budget
     summary: pd.DataFrame  # target x strategy
-    verdicts: pd.DataFrame  # target x fraction
+    verdicts: pd.DataFrame  # target x budget
 
 
 def read_results(path: Path) -> pd.DataFrame:
     """A results file as written by `finetune`; names stay strings ('NA' is a valid target)."""
     return pd.read_csv(
         path,
-        dtype={"target": str, "strategy": str},
+        dtype={"target": str, "strategy": str, "budget": str, "per_class": str},
         keep_default_na=False,
         na_values={"lr": [""], "l2": [""]},
     )
 
 
 def pair_with_scratch(results: pd.DataFrame) -> pd.DataFrame:
-    """Each row beside the scratch run of the same target, fraction and seed (same subset)."""
-    scratch = results[results.strategy == "scratch"][["target", "fraction", "seed", "test_acc"]]
+    """Each row beside the scratch run of the same target, budget and seed (same subset)."""
+    scratch = results[results.strategy == "scratch"][["target", "budget", "seed", "test_acc"]]
     paired = results.merge(
         scratch,
-        on=["target", "fraction", "seed"],
+        on=["target", "budget", "seed"],
         how="left",
         suffixes=("", "_scratch"),
         validate="m:1",
@@ -69,25 +77,26 @@ def pair_with_scratch(results: pd.DataFrame) -> pd.DataFrame:
         first = unpaired.iloc[0]
         raise ValueError(
             f"{len(unpaired)} result rows have no scratch run to pair with, e.g. target "
-            f"{first.target!r} fraction {first.fraction} seed {first.seed}"
+            f"{first.target!r} budget {first.budget} seed {first.seed}"
         )
-    return paired.assign(gain=paired.test_acc - paired.test_acc_scratch)
+    return paired.assign(gain=snap(paired.test_acc - paired.test_acc_scratch))
 
 
 def _cell(runs: pd.DataFrame) -> dict:
-    """The statistics of one target x strategy x fraction over its seeds."""
+    """The statistics of one target x strategy x budget over its seeds."""
     accuracy = t_interval(runs.test_acc)
     gain = paired_difference(runs.test_acc, runs.test_acc_scratch)  # same seed, same subset
     transfer = runs.strategy.iloc[0] != "scratch"
     return {
         "n_labels": runs.n_labels.iloc[0],
+        "per_class": runs.per_class.iloc[0],
         "n_seeds": runs.seed.nunique(),
         "test_acc_mean": accuracy.mean,
         "test_acc_std": runs.test_acc.std(),
         "gain_vs_scratch": gain.mean,
         "test_acc_ci_low": accuracy.low,
         "test_acc_ci_high": accuracy.high,
-        "gain_std": runs.gain.std(),
+        "gain_std": gain.std,
         "gain_ci_low": gain.low,
         "gain_ci_high": gain.high,
         "scratch_acc_mean": runs.test_acc_scratch.mean(),
@@ -95,17 +104,18 @@ def _cell(runs: pd.DataFrame) -> dict:
             accuracy.mean, runs.test_acc_scratch.mean()
         ),
         "val_acc_mean": runs.val_acc.mean(),
+        "val_loss_mean": runs.val_loss.mean(),
         "verdict": verdict(gain) if transfer else "baseline",
     }
 
 
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per target x strategy x fraction (see `_cell`), with the effective data
+    """One row per target x strategy x budget (see `_cell`), with the effective data
     multiplier read off the same target's scratch curve."""
     paired = pair_with_scratch(results)
     rows = [
-        {"target": t, "strategy": s, "fraction": f, **_cell(runs)}
-        for (t, s, f), runs in paired.groupby(KEYS, sort=False)
+        {"target": t, "strategy": s, "budget": b, **_cell(runs)}
+        for (t, s, b), runs in paired.groupby(KEYS, sort=False)
     ]
     table = pd.DataFrame(rows)
     multipliers = []
@@ -119,7 +129,7 @@ def summarise(results: pd.DataFrame) -> pd.DataFrame:
         )
         multipliers.append((found.value, found.censored))
     table["data_multiplier"], table["data_multiplier_censored"] = zip(*multipliers, strict=True)
-    return table.sort_values(["target", "fraction", "strategy"], kind="stable", ignore_index=True)
+    return table.sort_values(["target", "n_labels"], kind="stable", ignore_index=True)
 
 
 def _multiplier_text(row: pd.Series) -> str:
@@ -142,10 +152,10 @@ def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
                 "aulc": aulc,
                 "aulc_gain_vs_scratch": aulc
                 - area_under_curve(scratch.n_labels, scratch.test_acc_mean),
-                "data_multiplier_at_min_fraction": _multiplier_text(curve.iloc[0])
+                "data_multiplier_at_fewest_labels": _multiplier_text(curve.iloc[0])
                 if transfer
                 else "",
-                "data_multiplier_at_max_fraction": _multiplier_text(curve.iloc[-1])
+                "data_multiplier_at_most_labels": _multiplier_text(curve.iloc[-1])
                 if transfer
                 else "",
             }
@@ -155,8 +165,9 @@ def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
 
 VERDICT_COLUMNS = [
     "target",
-    "fraction",
+    "budget",
     "n_labels",
+    "per_class",
     "strategy",
     "test_acc_mean",
     "scratch_acc_mean",
@@ -168,10 +179,19 @@ VERDICT_COLUMNS = [
 
 
 def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per target and fraction, the transfer strategy with the best mean validation accuracy
-    (never the test split), and what its paired interval says."""
-    transfer = table[table.strategy != "scratch"]
-    best = transfer.loc[transfer.groupby(["target", "fraction"], sort=False).val_acc_mean.idxmax()]
+    """Per target and budget, the transfer strategy with the best mean validation accuracy
+    (never the test split), ties to the lower mean validation loss, then to the simpler strategy
+    (SIMPLICITY); and what its paired interval says."""
+    transfer = table[table.strategy != "scratch"].assign(
+        simplicity=lambda t: t.strategy.map(SIMPLICITY.index)
+    )
+    ranked = transfer.sort_values(
+        ["val_acc_mean", "val_loss_mean", "simplicity"],
+        ascending=[False, True, True],
+        kind="stable",
+    )
+    best = ranked.groupby(["target", "budget"], sort=False).head(1)
+    best = best.sort_values(["target", "n_labels"], kind="stable")
     return best[VERDICT_COLUMNS].reset_index(drop=True)
 
 
@@ -193,26 +213,39 @@ def headline_metrics(summary: pd.DataFrame, table: pd.DataFrame) -> dict:
     return metrics
 
 
-def compare(params: Params, layout: Layout, recorder: Recorder) -> Comparison:
+def compare(
+    params: Params, layout: Layout, recorder: Recorder, failed: dict[str, str] | None = None
+) -> Comparison:
+    """Compare the targets that finished; `failed` names the others with their errors (the flow
+    passes them; a stage command runs only when every target finished)."""
+    failed = failed or {}
     reports = layout.reports
     files.check_writable(reports, reports / "plots")
-    results = pd.concat(
-        [read_results(layout.results(t)) for t in params.targets], ignore_index=True
-    )
+    targets = [t for t in params.targets if t not in failed]
+    if not targets:
+        raise ValueError(f"no target finished, nothing to compare: {failed}")
+    results = pd.concat([read_results(layout.results(t)) for t in targets], ignore_index=True)
     table = summarise(results)
     result = Comparison(table, summarise_curves(table), pick_verdicts(table))
+    context = report.Context(
+        execution=recorder.identity(),
+        params_origin=params.origin,
+        datasets=report.describe_datasets(params, layout),
+        notes={t: _data_notes(params, t, layout) for t in targets},
+        failed=failed,
+    )
     written = {
         "comparison.csv": table.to_csv(index=False),
         "comparison.md": table.to_markdown(index=False, floatfmt=".4f") + "\n",
         "summary.csv": result.summary.to_csv(index=False),
         "verdicts.csv": result.verdicts.to_csv(index=False),
-        "report.md": report.render(params, result.verdicts, result.summary),
+        "report.md": report.render(params, targets, result.verdicts, result.summary, context),
     }
     for name, text in written.items():
         files.write_text(reports / name, text)
     files.write_json(reports / "metrics.json", headline_metrics(result.summary, table))
     figures = []
-    for target in params.targets:
+    for target in targets:
         curves, gain, features_png = (
             reports / "plots" / f"{target}_{kind}.png" for kind in ("curves", "gain", "features")
         )
@@ -224,15 +257,32 @@ def compare(params: Params, layout: Layout, recorder: Recorder) -> Comparison:
         plots.feature_map(val, features, classes, target, features_png)
         figures += [curves, gain, features_png]
     files.prune(reports / "plots", keep={figure.name for figure in figures})
-    inputs = [layout.results(t) for t in params.targets]
+    inputs = [layout.results(t) for t in targets]
     with recorder.child("compare", tags={"stage": "compare"}, inputs=inputs) as stage:
-        stage.log(metrics={"n_runs": len(results)})
+        stage.log(metrics={"n_runs": len(results)}, tags={"failed_targets": ",".join(failed)})
     for name in [*written, "metrics.json"]:
         recorder.log_artifact(reports / name)
     for figure in figures:
         recorder.log_artifact(figure, "plots")
     log.info("comparison written to %s (read %s)", reports, reports / "report.md")
     return result
+
+
+def _data_notes(params: Params, target: str, layout: Layout) -> list[str]:
+    """What the reader of a target's numbers must know about its data: merged or capped label
+    budgets, and a validation split too small for the choices made on it."""
+    prepared = layout.prepared(target)
+    meta = load_meta(prepared)
+    cfg = params.finetune
+    _, notes = resolve_budgets(load_split(prepared, "train").y, cfg.fractions, cfg.shots)
+    smallest = min(meta["val_class_counts"])
+    if smallest < MIN_VAL_PER_CLASS:
+        notes.append(
+            f"the validation split has {smallest} example(s) in its smallest class (fewer than "
+            f"{MIN_VAL_PER_CLASS}): the choices made on it (learning rate, L2 strength, early "
+            "stopping, the best strategy) are noisy"
+        )
+    return notes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,8 +11,12 @@ from tasks.config.params import Params
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split, save_splits
 from tasks.frame import stage_command
 from tasks.learning import runtime
-from tasks.models.classifier import classifier_from_checkpoint
-from tasks.models.errors import CheckpointError
+from tasks.models.classifier import (
+    FRESH_INPUT_SEED,
+    load_checkpoint,
+    pretrained_classifier,
+)
+from tasks.models.shapes import input_mismatch
 from tasks.recording.recorder import Recorder
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
@@ -26,12 +30,15 @@ def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> 
     device = runtime.configure(params.runtime)
     prepared = layout.prepared(target)
     meta = load_meta(prepared)
-    model = classifier_from_checkpoint(layout.checkpoint, num_classes=1, seed=0)
-    expected = [model.arch["in_channels"], model.arch["length"]]
-    if expected != meta["input_shape"]:
-        raise CheckpointError(
-            f"{layout.checkpoint}: backbone takes inputs of shape (C, L) = {expected}, "
-            f"target {target!r} has {meta['input_shape']}"
+    shape = tuple(meta["input_shape"])  # (C, L)
+    payload = load_checkpoint(layout.checkpoint)
+    model = pretrained_classifier(payload, 1, seed=0, path=layout.checkpoint, input_shape=shape)
+    mismatch = input_mismatch(payload["arch"], shape)
+    if mismatch:
+        log.warning(
+            "%s: the pretrained input layer cannot take %s; a fresh one (seed %d) feeds the "
+            "pretrained layers above it",
+            *(target, mismatch, FRESH_INPUT_SEED),
         )
     backbone = model.backbone.to(device).eval()
     features = {}

@@ -1,9 +1,9 @@
-"""Stage `finetune`: for one target, every strategy x label fraction x seed, scratch included.
+"""Stage `finetune`: for one target, every strategy x label budget x seed, scratch included.
 
 Each run tunes its learning rate (or, for the probe, its L2 strength) on the validation split and
 is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
 
-The unit of work is a group: one strategy at one label fraction, all seeds. A network strategy
+The unit of work is a group: one strategy at one label budget, all seeds. A network strategy
 trains a group's seeds x learning rates as one vectorised ensemble (tasks/learning/ensemble.py).
 A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
 run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: a thread of
@@ -33,7 +33,7 @@ import torch
 
 from tasks.config.params import FinetuneParams, Params
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
-from tasks.data.subsets import label_subset
+from tasks.data.subsets import Budget, label_subset, resolve_budgets
 from tasks.frame import stage_command
 from tasks.learning import runtime
 from tasks.learning.ensemble import Member, fit_ensemble
@@ -41,6 +41,7 @@ from tasks.learning.probe import ProbeResult, fit_probe
 from tasks.learning.train import DeviceData, evaluate
 from tasks.models.classifier import (
     Classifier,
+    arch_for,
     build_classifier,
     load_checkpoint,
     pretrained_classifier,
@@ -52,8 +53,8 @@ from tasks.workspace.layout import Layout
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
-    *("target", "strategy", "fraction", "seed", "n_labels", "lr", "l2"),
-    *("val_acc", "test_acc", "best_epoch", "epochs_run"),
+    *("target", "strategy", "budget", "seed", "n_labels", "per_class", "lr", "l2"),
+    *("val_acc", "val_loss", "test_acc", "best_epoch", "epochs_run"),
 ]
 
 
@@ -84,13 +85,14 @@ class Curve:
 @dataclass(frozen=True)
 class Outcome:
     val_acc: float
+    val_loss: float  # the chosen model's: it breaks ties of val_acc between strategies
     test_acc: float
     hparams: dict[str, float]  # the chosen lr or l2
     best_epoch: int = -1
     curves: list[Curve] = field(default_factory=list)  # every lr tried; the chosen one by hparams
 
 
-# A strategy trains every seed of one label fraction: seed -> its label subset, in; seed -> its
+# A strategy trains every seed of one label budget: seed -> its label subset, in; seed -> its
 # outcome, out. Seeds come together so that a network strategy can train them as one ensemble.
 Strategy = Callable[
     [TargetData, dict[int, np.ndarray], FinetuneParams, torch.device], dict[int, Outcome]
@@ -114,7 +116,9 @@ def _linear_probe(
     outcomes = {}
     for seed, subset in subsets.items():
         result = _fit_probe(data, subset, cfg)
-        outcomes[seed] = Outcome(result.val_acc, result.test_acc, {"l2": result.l2})
+        outcomes[seed] = Outcome(
+            result.val_acc, result.val_loss, result.test_acc, {"l2": result.l2}
+        )
     return outcomes
 
 
@@ -127,14 +131,16 @@ class Start:
 
 
 def _scratch_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Start:
-    return Start(build_classifier(data.checkpoint["arch"], data.num_classes, seed))
+    arch = arch_for(data.checkpoint["arch"], data.inputs["train"].x.shape[1:])  # (C, L)
+    return Start(build_classifier(arch, data.num_classes, seed))
 
 
 def _pretrained_start(
     data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int
 ) -> Start:
+    shape = data.inputs["train"].x.shape[1:]  # (C, L): a fresh input layer if it differs
     return Start(
-        pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path)
+        pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path, shape)
     )
 
 
@@ -159,7 +165,7 @@ def _network(
     def run(
         data: TargetData, subsets: dict[int, np.ndarray], cfg: FinetuneParams, device: torch.device
     ) -> dict[int, Outcome]:
-        # every seed x lr of this fraction is one member of one vectorised ensemble
+        # every seed x lr of this budget is one member of one vectorised ensemble
         members, starts = [], {}
         for seed, subset in subsets.items():
             starts[seed] = start(data, subset, cfg, seed)
@@ -167,12 +173,18 @@ def _network(
             for lr in cfg.lrs:
                 model = copy.deepcopy(starts[seed].model)
                 model.backbone.blocks[: frozen_blocks(cfg)].requires_grad_(False)
+                for name, param in model.named_parameters():
+                    param.requires_grad_(param.requires_grad or name in model.fresh)
                 members.append(Member(model, train, lr, seed))
-        scale = backbone_lr_scale(cfg)
+        scale, fresh = backbone_lr_scale(cfg), members[0].model.fresh
         val = DeviceData.from_arrays(data.inputs["val"], device)
-        fitted = fit_ensemble(
-            members, val, cfg, lambda name: scale if name.startswith("backbone.") else 1.0
-        )
+
+        def lr_scale(name: str) -> float:
+            # pretrained layers at the discriminative rate; the head and a fresh input layer
+            # learn from nothing, at the head's
+            return scale if name.startswith("backbone.") and name not in fresh else 1.0
+
+        fitted = fit_ensemble(members, val, cfg, lr_scale)
         test = DeviceData.from_arrays(data.inputs["test"], device)
         outcomes = {}
         for seed in subsets:
@@ -190,6 +202,7 @@ def _network(
             ]
             outcomes[seed] = Outcome(
                 result.best_val_acc,
+                result.best_val_loss,
                 test_acc,
                 {"lr": lr, **starts[seed].hparams},
                 result.best_epoch,
@@ -215,10 +228,10 @@ STRATEGIES: dict[str, Strategy] = {
 
 @dataclass(frozen=True)
 class Group:
-    """The unit of work: one strategy at one label fraction, every seed (trained together)."""
+    """The unit of work: one strategy at one label budget, every seed (trained together)."""
 
     strategy: str
-    fraction: float
+    budget: Budget
     seeds: tuple[int, ...]
 
 
@@ -236,8 +249,8 @@ class Cell:
     curves: list[dict[str, Any]] = field(default_factory=list)  # Curve fields, per lr tried
 
     @property
-    def key(self) -> tuple[str, float, int]:
-        return self.row["strategy"], self.row["fraction"], self.row["seed"]
+    def key(self) -> tuple[str, str, int]:
+        return self.row["strategy"], self.row["budget"], self.row["seed"]
 
 
 def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
@@ -246,9 +259,8 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
     started = time.time()
     device = runtime.configure(params.runtime)  # in a worker process, too
     cfg = params.finetune
-    subsets = {
-        seed: label_subset(data.inputs["train"].y, group.fraction, seed) for seed in group.seeds
-    }
+    per_class = group.budget.per_class
+    subsets = {seed: label_subset(data.inputs["train"].y, per_class, seed) for seed in group.seeds}
     outcomes = STRATEGIES[group.strategy](data, subsets, cfg, device)
     ended = time.time()
     cells = []
@@ -259,12 +271,14 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         row = {
             "target": data.name,
             "strategy": group.strategy,
-            "fraction": group.fraction,
+            "budget": group.budget.name,
             "seed": seed,
             "n_labels": len(subsets[seed]),
+            "per_class": group.budget.per_class_text,
             "lr": np.nan,
             "l2": np.nan,
             "val_acc": outcome.val_acc,
+            "val_loss": outcome.val_loss,
             "test_acc": outcome.test_acc,
             "best_epoch": outcome.best_epoch,
             "epochs_run": len(chosen.history) if chosen else 0,
@@ -273,8 +287,8 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         history, epoch_ends = (chosen.history, chosen.epoch_ends) if chosen else ([], [])
         cells.append(Cell(row, history, started, ended, epoch_ends, curves))
         log.info(
-            "%s %-12s fraction %-5g seed %d: %d labels, test acc %.4f",
-            *(data.name, group.strategy, group.fraction, seed, len(subsets[seed])),
+            "%s %-12s budget %-6s seed %d: %d labels, test acc %.4f",
+            *(data.name, group.strategy, group.budget.name, seed, len(subsets[seed])),
             outcome.test_acc,
         )
     return cells
@@ -304,24 +318,27 @@ class TargetGrid:
         fingerprint = contracts.fingerprint("finetune", params, layout.root, target)
         self.progress = Progress(layout.finetune_progress(target), fingerprint)
         cfg = params.finetune
+        budgets, notes = resolve_budgets(self.data.inputs["train"].y, cfg.fractions, cfg.shots)
+        for note in notes:  # the report repeats them
+            log.warning("%s: %s", target, note)
         strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")  # the table's order
         self.order = [
-            (strategy, fraction, seed)
+            (strategy, budget.name, seed)
             for strategy in strategies
-            for fraction in cfg.fractions
+            for budget in budgets
             for seed in cfg.seeds
         ]
         # the groups not finished yet, the most labels (the longest) first: parallel workers
         # then end together rather than one waiting for the last big group
         self.groups = [
-            Group(strategy, fraction, tuple(cfg.seeds))
-            for fraction in sorted(cfg.fractions, reverse=True)
+            Group(strategy, budget, tuple(cfg.seeds))
+            for budget in reversed(budgets)
             for strategy in strategies
-            if any((strategy, fraction, seed) not in self.progress.cells for seed in cfg.seeds)
+            if any((strategy, budget.name, seed) not in self.progress.cells for seed in cfg.seeds)
         ]
         self.stage = Recorder()
-        self.records: dict[tuple[str, float, int], Recorder] = {}  # cell key -> its record
-        self.gains_recorded: set[tuple[str, float, int]] = set()
+        self.records: dict[tuple[str, str, int], Recorder] = {}  # cell key -> its record
+        self.gains_recorded: set[tuple[str, str, int]] = set()
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped
@@ -348,10 +365,10 @@ class TargetGrid:
                 self.records[key].log(metrics={"gain_vs_scratch": gain})
                 self.gains_recorded.add(key)
 
-    def _gain(self, key: tuple[str, float, int]) -> float | None:
+    def _gain(self, key: tuple[str, str, int]) -> float | None:
         """A transfer cell's gain over scratch on the same subset, once both are in."""
-        strategy, fraction, seed = key
-        scratch = self.progress.cells.get(("scratch", fraction, seed))
+        strategy, budget, seed = key
+        scratch = self.progress.cells.get(("scratch", budget, seed))
         if strategy == "scratch" or scratch is None:
             return None
         return self.progress.cells[key].row["test_acc"] - scratch.row["test_acc"]
@@ -406,7 +423,7 @@ class Fanout:
         """A target that failed before its groups were submitted (e.g. extraction)."""
         self.errors.setdefault(target, err)
 
-    def collect(self) -> list[Exception]:
+    def collect(self) -> dict[str, Exception]:
         """Wait for every group; returns each failed target's first error."""
         for future in self.wait(list(self.owner)):
             target = self.owner[future]
@@ -417,7 +434,7 @@ class Fanout:
             self.left[target] -= 1
             if self.left[target] == 0:
                 self._finish(target)
-        return list(self.errors.values())
+        return dict(self.errors)
 
     def _finish(self, target: str) -> None:
         grid = self.grids[target]
@@ -442,7 +459,7 @@ def finetune(params: Params, target: str, layout: Layout, recorder: Recorder) ->
     finally:  # stopped (Ctrl-C) or failed: do not wait for the group in training
         pool.shutdown(wait=False, cancel_futures=True)
     if errors:
-        raise errors[0]
+        raise errors[target]
     return fanout.tables[target]
 
 
@@ -453,7 +470,7 @@ class Progress:
 
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
-        self.cells: dict[tuple[str, float, int], Cell] = {}
+        self.cells: dict[tuple[str, str, int], Cell] = {}
         saved = _read_json(path)
         if saved.get("fingerprint") == fingerprint:
             self._keep(Cell(**cell) for cell in saved["cells"])
@@ -484,20 +501,21 @@ def data_files(target: str, layout: Layout) -> list[Path]:
 
 
 def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path], gain: float | None) -> Recorder:
-    """One finished run per grid cell (filter on target and fraction to see transfer beside
+    """One finished run per grid cell (filter on target and budget to see transfer beside
     scratch), timed as its training was. Its curves are the chosen learning rate's epochs, and
     every learning rate's under `lr_<lr>/` (one chart per metric shows them side by side), with
     the chosen one in the tag `chosen_lr`: in the same request, where runs of their own would
     cost three requests each."""
     row = cell.row
     transfer = row["strategy"] != "scratch"
-    name = f"{row['target']}/{row['strategy']}/f{row['fraction']:g}/s{row['seed']}"
+    name = f"{row['target']}/{row['strategy']}/{row['budget']}/s{row['seed']}"
     tags = {"target": row["target"], "strategy": row["strategy"]}
     tags["kind"] = "transfer" if transfer else "scratch"
-    keys = ["target", "strategy", "fraction", "seed", "n_labels"]
+    keys = ["target", "strategy", "budget", "seed", "n_labels", "per_class"]
     chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
     # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
-    metrics = {"best/val_acc": row["val_acc"], "test/acc": row["test_acc"]}
+    metrics = {"best/val_acc": row["val_acc"], "best/val_loss": row["val_loss"]}
+    metrics["test/acc"] = row["test_acc"]
     if gain is not None:
         metrics["gain_vs_scratch"] = gain
     history = [dict(epoch) for epoch in cell.history]

@@ -43,6 +43,7 @@ from tasks.config.params import Params, ParamsError, load_params
 from tasks.data.datasets import DataError
 from tasks.data.sources import check_user_data
 from tasks.models.errors import CheckpointError
+from tasks.models.shapes import check_targets_fit
 from tasks.recording.recorder import Recorder
 from tasks.recording.store import TrackingError, check_tracking, tracking_uri
 from tasks.recording.versioning import Versioning
@@ -62,6 +63,11 @@ class ServiceError(RuntimeError):
     """A service the execution needs did not start; the message says what to do."""
 
 
+class TargetsFailed(RuntimeError):
+    """Some targets failed (their errors were logged where they happened); the others were
+    compared."""
+
+
 # Errors whose message is the whole story for a user: printed on one line, no traceback, and
 # never retried (the same input fails the same way).
 USER_ERRORS = (
@@ -73,6 +79,7 @@ USER_ERRORS = (
     WorkspaceBusy,
     LaunchError,
     ServiceError,
+    TargetsFailed,
 )
 STOP_GRACE_S = 1.5  # after a signal, how long the main thread gets to unwind before we leave
 END_RUNS_S = 2.0  # then how long ending the open records as KILLED may take
@@ -116,7 +123,8 @@ def load(args: argparse.Namespace) -> Params:
 def preflight(params: Params, layout: Layout) -> None:
     """What can be known to fail before any work: every user data file (read and checked as
     `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
-    check_user_data(params)
+    for note in check_targets_fit(params.model, check_user_data(params)):
+        log.warning("%s", note)
     check_writable(
         layout.prepared("source").parent,
         layout.checkpoint.parent,

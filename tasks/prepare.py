@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from pathlib import Path
 
-import numpy as np
-
-from tasks.config.params import Params
-from tasks.data.datasets import SPLITS, save_splits
-from tasks.data.sources import build_splits, datasets
+from tasks.config.params import DatasetSpec, Params
+from tasks.data.datasets import MIN_VAL_PER_CLASS, SPLITS, class_counts, save_splits
+from tasks.data.sources import BuiltDataset, build_splits, cuts_test, datasets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
 from tasks.workspace import files
@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dict[str, int]]:
-    """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes."""
+    """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes.
+    The source gets no test.npz unless it ships test arrays (pretraining never scores one)."""
     named = datasets(params)
     root = layout.prepared("source").parent
     files.check_writable(root)
@@ -27,23 +28,15 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     with recorder.child("prepare", tags={"stage": "prepare"}, inputs=user_files) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {
-            name: build_splits(spec, params.split, where) for name, (spec, where) in named.items()
+            name: build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            for name, (spec, key) in named.items()
         }
-        for name, (splits, classes) in built.items():
-            spec = named[name][0]
-            sizes[name] = {split: len(splits[split]) for split in SPLITS}
-            meta = {
-                "name": name,
-                "spec": spec.model_dump(mode="json"),
-                "classes": classes,  # original label of each class index 0..K-1
-                "num_classes": len(classes),
-                "input_shape": list(splits["train"].x.shape[1:]),  # (C, L)
-                "sizes": sizes[name],
-                "train_class_counts": np.bincount(
-                    splits["train"].y, minlength=len(classes)
-                ).tolist(),
-            }
-            save_splits(layout.prepared(name), splits, meta)
+        for name, data in built.items():
+            meta = _meta(name, named[name][0], data)
+            sizes[name] = meta["sizes"]
+            save_splits(layout.prepared(name), data.splits, meta)
+            _remove_stale_splits(layout.prepared(name), written=data.splits)
+            _warn_small_validation(name, meta["val_class_counts"])
             log.info("prepared %s: %s", name, sizes[name])
         files.prune(root, keep=set(named))  # datasets no longer in params
         stage.log(
@@ -51,6 +44,49 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
             metrics={f"{n}/{s}_size": v for n, split in sizes.items() for s, v in split.items()},
         )
     return sizes
+
+
+def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
+    num_classes = len(data.classes)
+    return {
+        "name": name,
+        "spec": spec.model_dump(mode="json"),
+        # original label of each class index 0..K-1: JSON ints for integer labels, else strings
+        "classes": data.classes,
+        "num_classes": num_classes,
+        "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L)
+        "sizes": {split: len(part) for split, part in data.splits.items()},
+        "test_source": data.test_source,  # "shipped" with the data, "cut" from it, or "none"
+        "train_class_counts": class_counts(data.splits["train"], num_classes),
+        "val_class_counts": class_counts(data.splits["val"], num_classes),
+    }
+
+
+def _remove_stale_splits(directory: Path, written: Iterable[str]) -> None:
+    """Delete the split files an older run wrote and this one did not (the test.npz once cut
+    from the source), so that no stale split passes for this run's."""
+    for split in sorted(set(SPLITS) - set(written)):
+        stale = directory / f"{split}.npz"
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as err:
+            raise files.OutputError(
+                f"{stale}: cannot remove a split this run no longer writes ({err.strerror or err})"
+            ) from err
+
+
+def _warn_small_validation(name: str, val_counts: list[int]) -> None:
+    if min(val_counts) < MIN_VAL_PER_CLASS:
+        small = sum(count < MIN_VAL_PER_CLASS for count in val_counts)
+        log.warning(
+            "%s: validation split has fewer than %d examples in %d of %d classes (fewest %d); "
+            "model choices on it are noisy",
+            name,
+            MIN_VAL_PER_CLASS,
+            small,
+            len(val_counts),
+            min(val_counts),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from tasks.data.datasets import load_meta, load_split
 from tasks.frame import stage_command
 from tasks.learning import distributed
 from tasks.learning.train import DeviceData, Resume, Shard, evaluate, fit
-from tasks.models.classifier import Classifier, architecture, build_classifier, save_checkpoint
+from tasks.models.classifier import Classifier, build_classifier, save_checkpoint
+from tasks.models.shapes import architecture, check_targets_fit
 from tasks.recording.lineage import input_tags
 from tasks.recording.recorder import Recorder
 from tasks.workspace import contracts, files
@@ -27,11 +29,21 @@ def pretrain(params: Params, layout: Layout, recorder: Recorder) -> dict[str, fl
     With `pretrain.processes` > 1, the stage runs itself again under torchrun as that many
     data-parallel processes (tasks/learning/distributed.py) and returns the summary they wrote.
     """
+    if not distributed.is_worker():  # once, before any training: every target fits
+        check_targets_fit(params.model, _prepared_shapes(layout))
     if params.pretrain.processes > 1 and not distributed.is_worker():
         files.check_writable(layout.checkpoint.parent)  # before any process starts
         return distributed.launch(params, layout, recorder)
     with distributed.ranks(params) as (device, shard):
         return _pretrain(params, layout, recorder, device, shard)
+
+
+def _prepared_shapes(layout: Layout) -> dict[str, tuple[int, int]]:
+    """(C, L) of every prepared dataset, by name (what `prepare` wrote is what params name)."""
+    return {
+        meta_file.parent.name: tuple(json.loads(meta_file.read_text())["input_shape"])
+        for meta_file in sorted(layout.prepared("source").parent.glob("*/meta.json"))
+    }
 
 
 def _pretrain(
@@ -48,7 +60,8 @@ def _pretrain(
     arch = architecture(params.model, tuple(meta["input_shape"]))
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
 
-    inputs = [source / "train.npz", source / "val.npz"]
+    shipped_test = meta["test_source"] == "shipped"  # the source's own test split, if any
+    inputs = [source / f"{split}.npz" for split in ("train", "val", "test")[: 2 + shipped_test]]
     with recorder.child("pretrain", tags={"stage": "pretrain"}, inputs=inputs) as stage:
         stage.log(
             params={**cfg.model_dump(), **arch, "device": device.type, "n_train": len(train)}
@@ -80,6 +93,9 @@ def _pretrain(
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
         }
+        if shipped_test:  # scored once, after training: how good the backbone is at its task
+            test = DeviceData.from_arrays(load_split(source, "test"), device)
+            summary["test_acc"] = evaluate(model, test, 1024)["acc"]
         if shard.rank == 0:
             _write(params, layout, model, meta, summary, stage, inputs)
     log.info(
@@ -110,7 +126,8 @@ def _write(
     layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
     # the checkpoint it wrote, by the hash that dvc.lock will hold for it
     written = input_tags(layout.root, [layout.checkpoint])
-    stage.log(metrics={"best/val_acc": summary["val_acc"]}, tags=written)
+    scores = {f"best/{key}": summary[key] for key in ("val_acc", "test_acc") if key in summary}
+    stage.log(metrics=scores, tags=written)
     version = stage.register_model(
         model.cpu(),
         load_split(layout.prepared("source"), "val").x[:2],

@@ -116,7 +116,11 @@ def truncated_npz(path: Path) -> None:
 MALFORMED = {
     "nan": ({"x": np.full((90, 8), np.nan), "y": np.arange(90) % 3}, "has NaN or inf values"),
     "rows": ({"x": np.zeros((90, 8)), "y": np.arange(91) % 3}, "'x' has 90 rows but 'y' has 91"),
-    "negative": ({"x": np.zeros((90, 8)), "y": np.arange(90) % 3 - 1}, "negative labels"),
+    "fractional": ({"x": np.zeros((90, 8)), "y": np.arange(90) % 3 + 0.5}, "not whole numbers"),
+    "unequal": (
+        {"x": np.r_[np.zeros((89, 8)), [[1, 2, 3] + [np.nan] * 5]], "y": np.arange(90) % 3},
+        "unequal_lengths: resample",
+    ),
     "missing y": ({"x": np.zeros((90, 8))}, "missing array 'y'"),
     "ndim": ({"x": np.zeros((90, 3, 8, 2)), "y": np.arange(90) % 3}, "must have shape (N, L)"),
     "too few": ({"x": np.zeros((90, 8)), "y": np.r_[np.zeros(88, int), 1, 1]}, "class 1 has 2"),
@@ -160,27 +164,56 @@ def test_a_stage_command_names_bad_data_too(workspace: Path) -> None:
     assert digest(workspace) == before
 
 
-def test_a_user_error_inside_the_flow_is_one_line_and_not_retried(workspace: Path) -> None:
-    """Data that passes every check but does not fit the backbone fails at `extract`, inside a
-    Prefect task: no traceback, no retry (it would fail the same way), one `error:` line."""
+# The flow's own command line, with one target's fine-tuning broken: a failure in a target's
+# grid that no pre-flight check can see (a bug, a lost worker, data no check anticipated).
+BROKEN_FLOW = """
+import sys
+import tasks.finetune as finetune
+from tasks.data.datasets import DataError
+healthy = finetune.STRATEGIES["finetune"]
+def broken(data, *rest):
+    if data.name == "broken":
+        raise DataError(f"targets.broken: injected failure in {data.name}'s grid")
+    return healthy(data, *rest)
+finetune.STRATEGIES["finetune"] = broken
+from flows.pipeline import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_failing_target_beside_a_good_one(workspace: Path) -> None:
+    """One target fails inside a Prefect task: the other is still fine-tuned and compared, the
+    report lists the failed one with its error, and the command exits 1 with one `error:` line
+    (no traceback, no retry: the same input would fail the same way)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(90, 30)).astype(np.float32)  # length 30; the source's is 40
     np.savez(workspace / "data/raw/short.npz", x=x, y=np.arange(90) % 3)
 
     def edit(doc: dict) -> None:
-        doc["targets"] = {"short": {"kind": "npz", "path": "data/raw/short.npz"}}
+        short = {"kind": "npz", "path": "data/raw/short.npz"}
+        doc["targets"] = {"short": short, "broken": short}
         doc["flow"] |= {"retries": 2, "retry_delay_seconds": 30}
         doc["pretrain"] |= {"max_epochs": 1}  # any backbone will do
 
     edit_params(workspace, edit)
-    result = run_command([*FLOW, "--params", "bad.yaml"], cwd=workspace)
+    old_report = (workspace / "reports/report.md").read_text()
+    command = ["python", "-c", BROKEN_FLOW, "--params", "bad.yaml"]
+    result = run_command(command, cwd=workspace)
     output = result.stdout + result.stderr
     assert result.returncode == 1
     assert "Traceback" not in output and "Retry 1/2" not in output
     assert [line for line in output.splitlines() if line.startswith("error:")] == [
-        "error: data/checkpoints/backbone.pt: backbone takes inputs of shape (C, L) = [1, 40], "
-        "target 'short' has [1, 30]"
+        "error: 1 of 2 targets failed (reports/report.md compares the others and lists the "
+        "failed): broken: targets.broken: injected failure in broken's grid"
     ]
+    report = (workspace / "reports/report.md").read_text()
+    assert report != old_report
+    assert "- `broken`: targets.broken: injected failure in broken's grid" in report
+    assert "## short" in report and "## broken" not in report
+    verdicts = (workspace / "reports/verdicts.csv").read_text()
+    assert "short" in verdicts and "broken" not in verdicts
+    # a target of another length than the source's just works (the backbone pools over time)
+    assert (workspace / "data/results/short.csv").exists()
 
 
 class _Exploit:
@@ -287,7 +320,7 @@ def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path
     assert one_line_error(result).startswith(f"error: MLflow tracking at {uri} failed during")
     assert "the result files were written" in result.stderr
     rows = (workspace / "data/results/shifted.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 5 * 2 * 2  # header + strategies x fractions x seeds
+    assert len(rows) == 1 + 5 * 2 * 2  # header + strategies x budgets x seeds
 
 
 def mount_tmpfs(path: Path, options: str) -> None:

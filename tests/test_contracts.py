@@ -319,6 +319,8 @@ class Tracked:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._model, name)
+        if name == "origin":  # which file the params came from: names the run, not a value
+            return value
         if name not in type(self._model).model_fields:
             self._read_all()
             return value

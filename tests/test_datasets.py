@@ -16,9 +16,10 @@ SPLIT = SplitParams(val=0.2, test=0.2, seed=0)
 
 def test_mnist1d_class_subset_is_relabelled_and_reproducible() -> None:
     spec = DatasetSpec(kind="mnist1d", classes=[7, 5], generator={"num_samples": 200, "seed": 4})
-    splits, classes = build_splits(spec, SPLIT, "t")
-    again, _ = build_splits(spec, SPLIT, "t")
-    assert classes == [7, 5]
+    built = build_splits(spec, SPLIT, "t")
+    splits, classes = built.splits, built.classes
+    again = build_splits(spec, SPLIT, "t").splits
+    assert classes == [7, 5] and built.test_source == "cut"
     assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == np.float32
     assert sorted(np.unique(splits["train"].y)) == [0, 1]
     assert sum(len(s) for s in splits.values()) == 200  # all samples spent on the two classes
@@ -30,7 +31,7 @@ def test_mnist1d_matches_the_published_generator() -> None:
     from mnist1d.data import get_dataset_args, make_dataset
 
     spec = DatasetSpec(kind="mnist1d", generator={"num_samples": 100})  # published args
-    ours, _ = build_splits(spec, SPLIT, "t")
+    ours = build_splits(spec, SPLIT, "t").splits
     args = get_dataset_args()
     args.num_samples = 100
     reference = make_dataset(args)
@@ -44,7 +45,8 @@ def test_fast_engine_gives_the_same_shapes_and_labels() -> None:
     spec = DatasetSpec(
         kind="mnist1d", classes=[3, 8], generator={"num_samples": 300, "seed": 4, "engine": "fast"}
     )
-    splits, classes = build_splits(spec, SPLIT, "t")
+    built = build_splits(spec, SPLIT, "t")
+    splits, classes = built.splits, built.classes
     assert classes == [3, 8] and sum(len(s) for s in splits.values()) == 300
     assert splits["train"].x.shape[1:] == (1, 40) and splits["train"].x.dtype == np.float32
     assert sorted(np.unique(splits["train"].y)) == [0, 1]
@@ -87,8 +89,9 @@ def test_npz_with_its_own_test_arrays(tmp_path: Path) -> None:
         x_test=rng.normal(size=(9, 2, 16)),
         y_test=np.arange(9) % 3,
     )
-    splits, classes = build_splits(spec, SPLIT, "t")
-    assert classes == [0, 1, 2]
+    built = build_splits(spec, SPLIT, "t")
+    splits = built.splits
+    assert built.classes == [0, 1, 2] and built.test_source == "shipped"
     assert len(splits["test"]) == 9  # the given test set is kept whole
     assert len(splits["train"]) + len(splits["val"]) == 60
     assert splits["train"].x.shape[1:] == (2, 16)
@@ -108,10 +111,37 @@ def test_npz_with_its_own_test_arrays(tmp_path: Path) -> None:
             r"NaN or inf values in 4 examples",
         ),
         ({"x": np.array([["a"] * 3] * 4), "y": np.zeros(4, int)}, r"'x' must be real numbers"),
-        ({"x": np.zeros((4, 3)), "y": np.zeros(4)}, r"'y' must hold integer labels"),
-        ({"x": np.zeros((4, 3)), "y": np.array([0, 1, -1, 0])}, r"negative labels"),
-        ({"x": np.zeros((4, 3)), "y": np.array([0, 2, 2, 0])}, r"must run 0..K-1 without gaps"),
+        ({"x": np.zeros((4, 0)), "y": np.zeros(4, int)}, r"no channels or no time steps"),
+        (
+            {"x": np.zeros((4, 3)), "y": np.array([True, False] * 2)},
+            r"'y' must hold integer, integral float or string labels",
+        ),
+        (
+            {"x": np.zeros((4, 3)), "y": np.array([0, 1.5, 1, 0])},
+            r"'y' has labels that are not whole numbers \(1, e.g. 1.5\)",
+        ),
+        (
+            {"x": np.zeros((4, 3)), "y": np.array([0, np.nan, 1, 0])},
+            r"'y' has labels that are not whole numbers \(1, e.g. nan\)",
+        ),
+        (
+            {"x": np.array([[0, np.inf, 0]] * 4), "y": np.zeros(4, int)},
+            r"'x' has NaN or inf values in 4 examples \(first: index 0\): inf",
+        ),
         ({"x": np.full((4, 3), 1e300), "y": np.array([0, 1, 1, 0])}, r"beyond float32's range"),
+        (
+            {"x": np.zeros((4, 3)), "y": np.zeros(4, int), "x_test": np.zeros((2, 3))},
+            r"'x_test' and 'y_test' must come together",
+        ),
+        (
+            {
+                "x": np.zeros((4, 3)),
+                "y": np.zeros(4, int),
+                "x_test": np.zeros((2, 2, 3)),
+                "y_test": np.zeros(2, int),
+            },
+            r"'x_test' examples have shape \(2, 3\), 'x' has \(1, 3\)$",
+        ),
     ],
 )
 def test_npz_problems_name_the_file(tmp_path: Path, arrays, message: str) -> None:

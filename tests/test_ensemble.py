@@ -10,7 +10,8 @@ import torch
 from tasks.config.params import ModelParams, TrainParams
 from tasks.learning.ensemble import Member, fit_ensemble
 from tasks.learning.train import DeviceData, fit
-from tasks.models.classifier import architecture, build_classifier
+from tasks.models.classifier import build_classifier
+from tasks.models.shapes import architecture
 
 
 def noisy(n: int, seed: int) -> DeviceData:

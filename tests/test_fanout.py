@@ -12,7 +12,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.runners import task_runner
 from tasks.config.params import FlowParams, ParamsError, load_params
-from tests.helpers import digest, make_workspace, run_command
+from tests.helpers import make_workspace, results_digest, run_command
 
 
 def test_threads_runner_runs_as_many_groups_as_workers() -> None:
@@ -49,7 +49,7 @@ def test_dask_local_cluster_gives_the_thread_runners_results(runs, tmp_path: Pat
     assert result.returncode == 0, log
     assert "Creating a new Dask" in log and log.count("Register worker") == 2  # 2 processes
     assert log.count("Starting temporary server") == 1  # workers report to the flow's API
-    assert digest(workspace) == digest(runs["prefect"])
+    assert results_digest(workspace) == results_digest(runs["prefect"])
 
     params = load_params(workspace / "params.yaml")
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -60,7 +60,8 @@ def test_dask_local_cluster_gives_the_thread_runners_results(runs, tmp_path: Pat
         if "strategy" in r.data.tags
     )
     cfg = params.finetune
-    grid = len(params.targets) * len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
+    budgets = len(cfg.fractions) + len(cfg.shots)
+    grid = len(params.targets) * len(cfg.strategies) * budgets * len(cfg.seeds)
     assert len(cells) == grid and set(cells.values()) == {1}
 
     status = run_command(["python", "-m", "dvc", "status"], cwd=workspace)

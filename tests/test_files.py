@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +51,11 @@ def test_prune_removes_only_what_is_not_kept(tmp_path: Path) -> None:
     (tmp_path / "old_dir").mkdir()
     files.prune(tmp_path, keep={"keep.png"})
     assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+
+
+def test_written_files_get_the_users_umask(tmp_path: Path) -> None:
+    # mkstemp makes 0600 files; a user with umask 022 expects 0644, like any tool's output
+    out = tmp_path / "out.txt"
+    code = f"from tasks.workspace import files; files.write_text({str(out)!r}, 'x')"
+    subprocess.run([sys.executable, "-c", code], check=True, preexec_fn=lambda: os.umask(0o022))
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -12,38 +12,46 @@ import torch
 from tasks.config.params import FinetuneParams, ModelParams
 from tasks.data.datasets import Labelled
 from tasks.finetune import STRATEGIES, TargetData
+from tasks.learning.ensemble import fit_ensemble
 from tasks.models.classifier import (
-    architecture,
     build_classifier,
     load_checkpoint,
     save_checkpoint,
 )
+from tasks.models.shapes import architecture
 
+CPU = torch.device("cpu")
 CFG = FinetuneParams(
     lrs=[1e-3, 1e-2], probe_l2=[1e-2, 1.0], max_epochs=6, patience=3, batch_size=16
 )
 
 
 def signals(n: int, seed: int) -> Labelled:
-    """Three classes told apart by where a bump sits in a noisy 40-step signal."""
+    """Three classes told apart by the frequency of a noisy 40-step wave (random phase)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n)
-    x = rng.normal(0, 0.3, (n, 1, 40)).astype(np.float32)
-    for i, label in enumerate(y):
-        x[i, 0, 5 + 12 * label : 12 + 12 * label] += 1.5
-    return Labelled(x, y.astype(np.int64))
+    t = np.arange(40)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    x = np.sin(2 * np.pi * (0.05 + 0.1 * y[:, None]) * t + phase) + rng.normal(0, 0.3, (n, 40))
+    return Labelled(x[:, None, :].astype(np.float32), y.astype(np.int64))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> TargetData:
     path = tmp_path_factory.mktemp("ckpt") / "backbone.pt"
     arch = architecture(ModelParams(channels=[4, 4]), (1, 40))
-    save_checkpoint(path, build_classifier(arch, 3, seed=9))
+    backbone = build_classifier(arch, 3, seed=9)
+    save_checkpoint(path, backbone)
     inputs = {"train": signals(60, 0), "val": signals(60, 1), "test": signals(60, 2)}
+    with torch.no_grad():  # what `extract` writes: the backbone's features (N, 4)
+        features = {
+            s: Labelled(backbone.features(torch.from_numpy(d.x)).numpy(), d.y)
+            for s, d in inputs.items()
+        }
     return TargetData(
-        name="bumps",
+        name="waves",
         inputs=inputs,
-        features={s: Labelled(d.x.reshape(len(d), -1), d.y) for s, d in inputs.items()},
+        features=features,
         num_classes=3,
         checkpoint=load_checkpoint(path),
         checkpoint_path=Path(path),
@@ -76,3 +84,42 @@ def test_choices_do_not_depend_on_the_test_split(data: TargetData, strategy: str
             c.history for c in corrupted[seed].curves
         ]
         assert honest[seed].test_acc != corrupted[seed].test_acc  # only the reported number moved
+
+
+def test_a_fresh_input_layer_trains_at_the_heads_rate_and_is_never_frozen(
+    data: TargetData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.finetune as finetune
+
+    # the same target with 3 channels: the pretrained 1-channel input layer cannot take it
+    three = {s: Labelled(np.repeat(d.x, 3, axis=1), d.y) for s, d in data.inputs.items()}
+    seen = {}
+
+    def spy(members, val, cfg, lr_scale):
+        model = members[0].model
+        seen["trains"] = {n for n, p in model.named_parameters() if p.requires_grad}
+        seen["scale"] = {n: lr_scale(n) for n, _ in model.named_parameters()}
+        return fit_ensemble(members, val, cfg, lr_scale)
+
+    monkeypatch.setattr(finetune, "fit_ensemble", spy)
+    cfg = CFG.model_copy(update={"freeze_blocks": 1, "backbone_lr_scale": 0.1})
+    outcome = STRATEGIES["partial"](replace(data, inputs=three), {0: np.arange(30)}, cfg, CPU)
+    fresh = {"backbone.blocks.0.0.weight", "backbone.blocks.0.0.bias"}
+    assert fresh <= seen["trains"]  # in the frozen block, yet trained
+    assert {n for n in seen["scale"] if n.startswith("backbone.blocks.1")} <= seen["trains"]
+    assert all(seen["scale"][n] == 1.0 for n in fresh | {"head.weight", "head.bias"})
+    assert seen["scale"]["backbone.blocks.1.0.weight"] == 0.1  # pretrained: discriminative
+    assert outcome[0].val_acc > 1 / 3  # it learns through the fresh layer
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_takes_a_target_of_another_channel_count_and_length(
+    data: TargetData, strategy: str
+) -> None:
+    # 3 channels of length 60, against a backbone pretrained on 1 channel of length 40
+    def reshaped(d: Labelled) -> Labelled:
+        return Labelled(np.repeat(np.concatenate([d.x, d.x[..., :20]], -1), 3, axis=1), d.y)
+
+    other = replace(data, inputs={s: reshaped(d) for s, d in data.inputs.items()})
+    outcomes = STRATEGIES[strategy](other, {0: np.arange(30)}, CFG, CPU)
+    assert 0 <= outcomes[0].test_acc <= 1 and outcomes[0].val_acc > 0

@@ -26,7 +26,11 @@ def test_first_run_on_a_busy_machine_completes(tmp_path: Path) -> None:
     strategies: the start-up is what is tested, and the suite's time is short."""
     small = yaml.safe_load(TINY.read_text())
     small["targets"] = {"new_classes": small["targets"]["new_classes"]}
-    small["finetune"] |= {"strategies": ["scratch", "linear_probe"], "fractions": [1.0]}
+    small["finetune"] |= {
+        "strategies": ["scratch", "linear_probe"],
+        "fractions": [1.0],
+        "shots": [],
+    }
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small))
     workspace = make_workspace(tmp_path / "ws", tmp_path / "small.yaml")
     home = tmp_path / "fresh-prefect-home"

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from tasks.config.params import ModelParams
+from tasks.data.datasets import DataError
 from tasks.models.classifier import (
     CheckpointError,
-    architecture,
     build_classifier,
     classifier_from_checkpoint,
     load_checkpoint,
+    pretrained_classifier,
     save_checkpoint,
 )
+from tasks.models.shapes import architecture, check_targets_fit, input_mismatch
 
 ARCH = architecture(ModelParams(channels=[4, 8], kernel_size=5), (1, 40))
 
@@ -105,3 +107,46 @@ def test_weights_that_do_not_fit_the_declared_arch(tmp_path: Path) -> None:
     save_checkpoint(path, model)
     with pytest.raises(CheckpointError, match=r"weights do not fit the architecture"):
         classifier_from_checkpoint(path, 2, seed=0)
+
+
+def test_a_cnn1d_backbone_takes_any_length() -> None:
+    model = build_classifier(ARCH, 3, seed=0)  # built for L = 40
+    for length in (7, 40, 427):
+        assert model.features(torch.randn(2, 1, length)).shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "shape"), [("cnn1d", (6, 100)), ("mlp", (1, 24)), ("mlp", (3, 40))]
+)
+def test_a_shape_the_input_layer_cannot_take_gets_a_fresh_one_and_keeps_the_rest(
+    tmp_path: Path, backbone: str, shape: tuple[int, int]
+) -> None:
+    arch = architecture(ModelParams(backbone=backbone, channels=[4, 8], hidden=[16, 8]), (1, 40))
+    pretrained = build_classifier(arch, 5, seed=3)
+    save_checkpoint(tmp_path / "b.pt", pretrained)
+    payload = load_checkpoint(tmp_path / "b.pt")
+    assert input_mismatch(arch, shape) is not None and input_mismatch(arch, (1, 40)) is None
+    models = [pretrained_classifier(payload, 2, seed, tmp_path / "b.pt", shape) for seed in (0, 1)]
+    for model in models:
+        assert model.fresh == {"backbone.blocks.0.0.weight", "backbone.blocks.0.0.bias"}
+        assert model(torch.randn(2, *shape)).shape == (2, 2)
+        weights = dict(model.backbone.named_parameters())
+        for name, value in pretrained.backbone.named_parameters():  # every layer above: kept
+            if not name.startswith("blocks.0."):
+                assert torch.equal(weights[name], value)
+    # one fresh input layer for every seed (the one `extract` gave the probe its features from)
+    first, second = (dict(m.backbone.named_parameters()) for m in models)
+    assert torch.equal(first["blocks.0.0.weight"], second["blocks.0.0.weight"])
+    assert not torch.equal(models[0].head.weight, models[1].head.weight)
+    same_shape = pretrained_classifier(payload, 2, 0, tmp_path / "b.pt", (1, 40))
+    assert same_shape.fresh == frozenset()
+
+
+def test_before_pretraining_a_target_that_would_keep_nothing_pretrained_is_refused() -> None:
+    shapes = {"source": (1, 40), "longer": (1, 427), "six": (6, 100)}
+    notes = check_targets_fit(ModelParams(backbone="cnn1d"), shapes)
+    assert notes == ["targets.six: a fresh input layer for in_channels 6 (pretrained on 1)"]
+    notes = check_targets_fit(ModelParams(backbone="mlp", hidden=[16, 16]), shapes)
+    assert [note.split(":")[0] for note in notes] == ["targets.longer", "targets.six"]
+    with pytest.raises(DataError, match=r"targets.longer: the mlp backbone's only layer .* 427"):
+        check_targets_fit(ModelParams(backbone="mlp", hidden=[16]), shapes)

@@ -10,7 +10,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tasks.config.params import load_params
-from tests.helpers import digest, run_command
+from tests.helpers import digest, results_digest, run_command
 
 pytestmark = pytest.mark.slow
 OUTPUTS = [
@@ -22,7 +22,7 @@ OUTPUTS = [
 
 
 def test_both_orchestrators_give_identical_files(runs) -> None:
-    prefect, dvc = digest(runs["prefect"]), digest(runs["dvc"])
+    prefect, dvc = results_digest(runs["prefect"]), results_digest(runs["dvc"])
     assert set(OUTPUTS) <= prefect.keys()
     assert prefect == dvc
 
@@ -59,7 +59,7 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
         *(f"finetune {t}" for t in targets),
     }
     cfg = params.finetune
-    grid = len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
+    grid = len(cfg.strategies) * (len(cfg.fractions) + len(cfg.shots)) * len(cfg.seeds)
     for target in targets:
         stage_id = children[f"finetune {target}"].info.run_id
         runs_below = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == stage_id]
@@ -68,7 +68,7 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
             transfer = run.data.tags["strategy"] != "scratch"
             assert run.data.tags["kind"] == ("transfer" if transfer else "scratch")
             assert run.data.tags["target"] == target
-            assert {"target", "strategy", "fraction", "seed", "n_labels"} <= run.data.params.keys()
+            assert {"target", "strategy", "budget", "seed", "n_labels"} <= run.data.params.keys()
             assert ("lr" in run.data.params) == (run.data.tags["strategy"] != "linear_probe")
             assert "test/acc" in run.data.metrics
             assert ("gain_vs_scratch" in run.data.metrics) == transfer

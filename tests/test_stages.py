@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.compare import compare
+from tasks.analysis.statistics import HELPS, HURTS, NO_DIFFERENCE, NO_VARIATION
+from tasks.compare import compare, read_results
 from tasks.data.datasets import SPLITS, load_meta, load_split
 from tasks.extract import extract
 from tasks.finetune import RESULT_COLUMNS, finetune
@@ -38,7 +39,8 @@ def done(tiny_params, tmp_path_factory) -> Layout:
 def test_prepare_writes_disjoint_stratified_splits(done: Layout, tiny_params) -> None:
     for name in ["source", *tiny_params.targets]:
         meta = load_meta(done.prepared(name))
-        splits = {s: load_split(done.prepared(name), s) for s in SPLITS}
+        assert set(meta["sizes"]) == ({"train", "val"} if name == "source" else set(SPLITS))
+        splits = {s: load_split(done.prepared(name), s) for s in meta["sizes"]}
         assert all(s.x.shape[1:] == (1, 40) for s in splits.values())
         assert {int(s.y.max()) + 1 for s in splits.values()} == {meta["num_classes"]}
         rows = [tuple(r) for s in splits.values() for r in s.x.reshape(len(s), -1).round(6)]
@@ -46,6 +48,8 @@ def test_prepare_writes_disjoint_stratified_splits(done: Layout, tiny_params) ->
         counts = np.bincount(splits["val"].y)
         assert counts.max() - counts.min() <= 1  # stratified
     assert load_meta(done.prepared("new_classes"))["classes"] == [5, 6, 7, 8, 9]
+    # pretraining uses train and val only: no test split is cut from the source
+    assert not (done.prepared("source") / "test.npz").exists()
 
 
 def test_pretrain_checkpoint_is_self_describing(done: Layout, tiny_params) -> None:
@@ -69,13 +73,14 @@ def test_extract_features_match_the_frozen_backbone(done: Layout) -> None:
 
 def test_finetune_covers_the_grid_once(done: Layout, tiny_params) -> None:
     cfg = tiny_params.finetune
-    table = pd.read_csv(done.results("new_classes"))
+    table = read_results(done.results("new_classes"))
     assert list(table.columns) == RESULT_COLUMNS
-    assert len(table) == len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
-    assert not table.duplicated(["strategy", "fraction", "seed"]).any()
+    budgets = len(cfg.fractions) + len(cfg.shots)  # none merge at these sizes
+    assert len(table) == len(cfg.strategies) * budgets * len(cfg.seeds)
+    assert not table.duplicated(["strategy", "budget", "seed"]).any()
     assert table.test_acc.between(0, 1).all()
-    # paired: every strategy saw the same number of labels at a fraction
-    assert table.groupby("fraction").n_labels.nunique().eq(1).all()
+    # paired: every strategy and seed saw the same number of labels at a budget
+    assert table.groupby("budget").n_labels.nunique().eq(1).all()
     assert table[table.strategy == "linear_probe"].l2.isin(cfg.probe_l2).all()
     assert table[table.strategy != "linear_probe"].lr.isin(cfg.lrs).all()
 
@@ -83,13 +88,14 @@ def test_finetune_covers_the_grid_once(done: Layout, tiny_params) -> None:
 def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -> None:
     cfg, targets = tiny_params.finetune, list(tiny_params.targets)
     table = pd.read_csv(done.reports / "comparison.csv")
-    assert len(table) == len(targets) * len(cfg.strategies) * len(cfg.fractions)
+    budgets = len(cfg.fractions) + len(cfg.shots)
+    assert len(table) == len(targets) * len(cfg.strategies) * budgets
     assert table[table.strategy != "scratch"].gain_ci_low.notna().all()  # 2 seeds: an interval
     summary = pd.read_csv(done.reports / "summary.csv")
     assert len(summary) == len(targets) * len(cfg.strategies)
     verdicts = pd.read_csv(done.reports / "verdicts.csv")
-    assert len(verdicts) == len(targets) * len(cfg.fractions)
-    assert set(verdicts.verdict) <= {"helps", "hurts", "no significant difference"}
+    assert len(verdicts) == len(targets) * budgets
+    assert set(verdicts.verdict) <= {HELPS, HURTS, NO_DIFFERENCE, NO_VARIATION}
     assert (done.reports / "comparison.md").read_text().startswith("| target")
     report = (done.reports / "report.md").read_text()
     for target in targets:
@@ -98,6 +104,11 @@ def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"(plots/{target}_{kind}.png)" in report  # the report shows every figure
     assert "## Method" in report and "## Verdict" in report
+    # the report names the execution that made it and every dataset it read
+    assert "Execution: MLflow run `memory:root`" in report
+    assert f"`{tiny_params.origin.path}` (sha256 {tiny_params.origin.sha256[:12]})" in report
+    for key in ["source", *(f"targets.{t}" for t in targets)]:
+        assert f"- `{key}`: built-in `mnist1d` generator" in report
     metrics = json.loads((done.reports / "metrics.json").read_text())
     assert set(metrics) == set(targets)
     assert set(metrics["new_classes"]["lp_ft"]) == {
@@ -123,24 +134,24 @@ def test_every_cell_is_recorded_with_its_training_time_and_every_lr(
     done: Layout, tiny_params
 ) -> None:
     cfg = tiny_params.finetune
-    results = pd.read_csv(done.results("new_classes"))
+    results = read_results(done.results("new_classes"))
     cells = RECORDED.find(target="new_classes", kind="scratch") + RECORDED.find(
         target="new_classes", kind="transfer"
     )
-    assert len(cells) == len(results)  # each (strategy, fraction, seed) once
+    assert len(cells) == len(results)  # each (strategy, budget, seed) once
     for cell in cells:
         started, ended = cell.times
         assert started < ended  # the group's real training time
         row = results[
             (results.strategy == cell.params["strategy"])
-            & (results.fraction == cell.params["fraction"])
+            & (results.budget == cell.params["budget"])
             & (results.seed == cell.params["seed"])
         ].iloc[0]
         assert cell.metrics["test/acc"] == row.test_acc
         if cell.params["strategy"] != "scratch":
             scratch = results[
                 (results.strategy == "scratch")
-                & (results.fraction == row.fraction)
+                & (results.budget == row.budget)
                 & (results.seed == row.seed)
             ].iloc[0]
             assert cell.metrics["gain_vs_scratch"] == pytest.approx(

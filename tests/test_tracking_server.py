@@ -29,7 +29,9 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
+from tasks.compare import read_results
 from tasks.config.params import Params, load_params
+from tasks.data.subsets import fraction_name, shots_name
 from tasks.recording.tracking import PARENT_TAG, start_pipeline_run
 from tests.helpers import free_port, make_workspace, run_command
 
@@ -278,12 +280,13 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
         (
             r.data.params["target"],
             r.data.params["strategy"],
-            float(r.data.params["fraction"]),
+            r.data.params["budget"],
             int(r.data.params["seed"]),
         )
         for r in cells
     )
-    expected = Counter(product(targets, cfg.strategies, cfg.fractions, cfg.seeds))
+    budgets = [fraction_name(f) for f in cfg.fractions] + [shots_name(k) for k in cfg.shots]
+    expected = Counter(product(targets, cfg.strategies, budgets, cfg.seeds))
     assert found == expected, (
         f"duplicated: {sorted((found - expected).elements())}, "
         f"missing: {sorted((expected - found).elements())}\n{log}"
@@ -305,15 +308,15 @@ def test_metrics_on_the_server_match_the_result_files(pipeline: dict[str, Any]) 
     client: MlflowClient = pipeline["client"]
     workspace: Path = pipeline["workspace"]
     results = pd.concat(
-        pd.read_csv(workspace / "data" / "results" / f"{t}.csv")
+        read_results(workspace / "data" / "results" / f"{t}.csv")
         for t in pipeline["params"].targets
     )
-    by_cell = {(r.target, r.strategy, r.fraction, r.seed): r for r in results.itertuples()}
+    by_cell = {(r.target, r.strategy, r.budget, r.seed): r for r in results.itertuples()}
     cells = [r for r in pipeline["runs"] if "kind" in r.data.tags]
     assert len(cells) == len(by_cell)
     for cell in cells:
         p = cell.data.params
-        row = by_cell[p["target"], p["strategy"], float(p["fraction"]), int(p["seed"])]
+        row = by_cell[p["target"], p["strategy"], p["budget"], int(p["seed"])]
         assert cell.data.metrics["test/acc"] == row.test_acc, cell.info.run_name
         assert int(p["n_labels"]) == row.n_labels
         if cell.data.tags["kind"] == "transfer":

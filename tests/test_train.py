@@ -7,7 +7,8 @@ import torch
 
 from tasks.config.params import ModelParams, TrainParams
 from tasks.learning.train import DeviceData, evaluate, fit
-from tasks.models.classifier import architecture, build_classifier
+from tasks.models.classifier import build_classifier
+from tasks.models.shapes import architecture
 
 ARCH = architecture(ModelParams(channels=[8, 8]), (1, 16))
 
@@ -16,7 +17,7 @@ def toy(n: int, seed: int) -> DeviceData:
     """Two classes told apart by the sign of the signal's mean."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 1, 16, generator=g) * 0.5 + (y * 2 - 1).float()[:, None, None]
+    x = torch.randn(n, 1, 16, generator=g) * 2.0 + (y * 2 - 1).float()[:, None, None]
     return DeviceData(x, y)
 
 

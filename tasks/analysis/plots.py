@@ -55,13 +55,14 @@ def learning_curves(table: pd.DataFrame, target: str, path: Path) -> None:
 
 
 def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
-    """Paired gain over scratch in points, transfer strategy x label fraction; ▲/▼ where the
-    95% interval excludes zero."""
+    """Paired gain over scratch in points, transfer strategy x label budget (fewest labels
+    first); ▲/▼ where the 95% interval excludes zero."""
     rows = table[(table.target == target) & (table.strategy != "scratch")]
-    gains = rows.pivot(index="strategy", columns="fraction", values="gain_vs_scratch") * 100
-    verdicts = rows.pivot(index="strategy", columns="fraction", values="verdict")
+    gains = rows.pivot(index="strategy", columns="budget", values="gain_vs_scratch") * 100
+    verdicts = rows.pivot(index="strategy", columns="budget", values="verdict")
     order = list(dict.fromkeys(rows.strategy))
-    gains, verdicts = gains.loc[order], verdicts.loc[order]
+    budgets = list(dict.fromkeys(rows.sort_values("n_labels", kind="stable").budget))
+    gains, verdicts = gains.loc[order, budgets], verdicts.loc[order, budgets]
     limit = max(float(np.nanmax(np.abs(gains.to_numpy()))), 1.0)
     fig, ax = plt.subplots(
         figsize=(1.2 * gains.shape[1] + 2.5, 0.6 * gains.shape[0] + 1.6), dpi=120
@@ -70,11 +71,8 @@ def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
         gains.to_numpy(), cmap="RdBu", norm=TwoSlopeNorm(0, vmin=-limit, vmax=limit), aspect="auto"
     )
     for i, strategy in enumerate(gains.index):
-        for j, fraction in enumerate(gains.columns):
-            gain, mark = (
-                gains.loc[strategy, fraction],
-                MARK.get(verdicts.loc[strategy, fraction], ""),
-            )
+        for j, budget in enumerate(gains.columns):
+            gain, mark = gains.loc[strategy, budget], MARK.get(verdicts.loc[strategy, budget], "")
             ax.text(
                 j,
                 i,
@@ -84,10 +82,10 @@ def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
                 fontsize=9,
                 color="white" if abs(gain) > 0.6 * limit else "black",
             )
-    labels = rows.drop_duplicates("fraction").set_index("fraction").n_labels
-    ax.set_xticks(range(gains.shape[1]), [f"{f:g}\n({labels[f]})" for f in gains.columns])
+    labels = rows.drop_duplicates("budget").set_index("budget").n_labels
+    ax.set_xticks(range(gains.shape[1]), [f"{b}\n({labels[b]})" for b in gains.columns])
     ax.set_yticks(range(gains.shape[0]), gains.index)
-    ax.set_xlabel("label fraction (labels)")
+    ax.set_xlabel("label budget (labels)")
     ax.set_title(f"{target}: gain over scratch, points")
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.tight_layout()

@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from tasks.analysis.statistics import CONFIDENCE
-from tasks.config.params import Params
+from tasks.analysis.statistics import CONFIDENCE, NO_VARIATION
+from tasks.config.params import Params, ParamsOrigin
+from tasks.data.datasets import load_meta
+from tasks.data.sources import datasets
+from tasks.workspace.layout import Layout
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the report says about the execution that made it, so that a stale report can
+    never pass for a new one."""
+
+    execution: str | None  # the MLflow parent run's id (None: not tracked)
+    params_origin: ParamsOrigin | None  # the params file, its hash and overrides
+    datasets: list[str]  # one line per dataset: where it came from, its shape and classes
+    notes: dict[str, list[str]] = field(default_factory=dict)  # per target: data caveats
+    failed: dict[str, str] = field(default_factory=dict)  # target -> its error
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def describe_datasets(params: Params, layout: Layout) -> list[str]:
+    """A line per dataset: its params key, its file and md5 (or its generator), shape and class
+    names as stored."""
+    lines = []
+    for name, (spec, key) in datasets(params).items():
+        origin = (
+            f"`{spec.path}` (md5 {_md5(spec.path)})"
+            if spec.path is not None
+            else f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
+        )
+        meta = load_meta(layout.prepared(name))
+        classes = ", ".join(f"`{c}`" for c in meta["classes"])
+        shape = "x".join(map(str, meta["input_shape"]))
+        sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
+        lines.append(f"- `{key}`: {origin}; (C, L) {shape}; {sizes}; classes {classes}")
+    return lines
 
 
 def _points(value: float) -> str:
@@ -36,8 +75,9 @@ def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "target": verdicts.target,
-            "fraction": verdicts.fraction.map("{:g}".format),
+            "budget": verdicts.budget,
             "labels": verdicts.n_labels,
+            "per class": verdicts.per_class,
             "best transfer (on val)": verdicts.strategy,
             "test acc": verdicts.test_acc_mean.map("{:.3f}".format),
             "scratch": verdicts.scratch_acc_mean.map("{:.3f}".format),
@@ -58,29 +98,60 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             "strategy": summary.strategy,
             "AULC": summary.aulc.map("{:.3f}".format),
             "AULC gain, points": summary.aulc_gain_vs_scratch.map(_points),
-            "data multiplier, fewest labels": summary.data_multiplier_at_min_fraction,
-            "data multiplier, all labels": summary.data_multiplier_at_max_fraction,
+            "data multiplier, fewest labels": summary.data_multiplier_at_fewest_labels,
+            "data multiplier, most labels": summary.data_multiplier_at_most_labels,
         }
     )
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
-def render(params: Params, verdicts: pd.DataFrame, summary: pd.DataFrame) -> str:
+def _header(context: Context) -> list[str]:
+    origin = context.params_origin
+    params_line = "given in code"
+    if origin:
+        overrides = ", ".join(f"`--set {o}`" for o in origin.overrides)
+        params_line = f"`{origin.path}` (sha256 {origin.sha256[:12]})"
+        params_line += f" with {overrides}" if overrides else ""
+    lines = [
+        f"Execution: MLflow run `{context.execution or 'not tracked'}`. Params: {params_line}.",
+        "",
+        "Data:",
+        "",
+        *context.datasets,
+        "",
+    ]
+    if context.failed:
+        lines += [
+            "**Failed targets**, left out of every table below:",
+            "",
+            *(f"- `{target}`: {error}" for target, error in context.failed.items()),
+            "",
+        ]
+    return lines
+
+
+def render(
+    params: Params,
+    targets: list[str],
+    verdicts: pd.DataFrame,
+    summary: pd.DataFrame,
+    context: Context,
+) -> str:
+    """report.md for the `targets` that finished."""
     cfg = params.finetune
-    source = params.source
     lines = [
         "# Does pretraining on the source help the targets?",
         "",
-        f"Source: `{source.kind}`"
-        + (f", classes {source.classes}" if source.classes else "")
-        + f". Targets: {', '.join(f'`{t}`' for t in params.targets)}.",
-        "",
+        *_header(context),
         "## Verdict",
         "",
         "Transfer **helps** where the whole paired 95% interval of (transfer - scratch) lies",
         "above zero, **hurts** (negative transfer) where it lies below, and otherwise makes **no",
-        "significant difference**. The strategy shown is the one with the best mean",
-        "*validation* accuracy, so the test split chooses nothing here either.",
+        f"significant difference**; **{NO_VARIATION}** where the gain was the same on every",
+        "seed, so the interval has no width and says nothing. Gains within 1e-6 are zero. The",
+        "strategy shown is the one with the best mean *validation* accuracy (ties: the lower",
+        "mean validation loss, then the simpler strategy: linear_probe, partial, finetune,",
+        "lp_ft), so the test split chooses nothing here either.",
         "",
         verdict_table(verdicts).to_markdown(index=False, disable_numparse=True),
         "",
@@ -88,16 +159,23 @@ def render(params: Params, verdicts: pd.DataFrame, summary: pd.DataFrame) -> str
         "",
         "AULC: mean test accuracy over log(labels) (trapezoid area / log range). Data",
         "multiplier (Hernandez et al. 2021): how many times more labels scratch needs to match",
-        "the strategy, read off scratch's interpolated learning curve; `>` means scratch never",
-        "gets there within the largest budget, `<` that scratch is already there at the smallest.",
+        "the strategy. It is read off a monotone envelope of scratch's learning curve",
+        "(interpolated linearly in log labels) pinned at the strategy's budget n: above n the",
+        "envelope is scratch's best accuracy from n up to that budget, below n its worst from",
+        "that budget up to n. So a positive gain at n always gives a multiplier above 1 and a",
+        "negative one below 1. `>` means scratch never gets there within the largest budget,",
+        "`<` that scratch is already there at the smallest.",
         "",
         summary_markdown(summary),
         "",
     ]
-    for target in params.targets:
+    for target in targets:
+        notes = context.notes.get(target, [])
         lines += [
             f"## {target}",
             "",
+            *(f"> **Note:** {note}." for note in notes),
+            *([""] if notes else []),
             f"![learning curves](plots/{target}_curves.png)",
             f"![gain over scratch](plots/{target}_gain.png)",
             "",
@@ -107,13 +185,20 @@ def render(params: Params, verdicts: pd.DataFrame, summary: pd.DataFrame) -> str
     lines += [
         "## Method",
         "",
-        f"- **Splits.** Each dataset is cut once into stratified train / val / test "
+        f"- **Splits.** Each target is cut once into stratified train / val / test "
         f"({1 - params.split.val - params.split.test:.0%} / {params.split.val:.0%} / "
         f"{params.split.test:.0%}, seed {params.split.seed}), unless it ships its own test "
-        "arrays.",
-        f"- **Label budgets.** Fractions {cfg.fractions} of each target's training split; "
-        "subsets are stratified (at least one example per class) and nested (a larger fraction "
-        "contains the smaller ones).",
+        "arrays; the source into train / val only (pretraining scores the source's own test "
+        "arrays when it ships them).",
+        "- **Shapes.** The backbone pools over time, so a target may have any length. A target "
+        "with another channel count gets a fresh input layer (seed 0 in every run, so the "
+        "probe's features are the ones fine-tuning starts from), trained at the head's "
+        "learning rate and never frozen; every other layer keeps its pretrained weights.",
+        f"- **Label budgets.** Fractions {cfg.fractions} of each target's training split "
+        f"(stratified, at least one example per class) and {cfg.shots or 'no'} labels per class "
+        "(shots; a class with fewer gives all it has). Subsets are nested (a larger budget "
+        "contains the smaller ones); budgets that take the same labels in every class are "
+        "merged into the first listed.",
         f"- **Seeds.** {cfg.seeds}: a seed fixes the label subset, the init and the data order. "
         "The same seed gives every strategy the same subset, so differences are paired.",
         "- **Strategies.** `scratch`: random init, same architecture. `linear_probe`: "

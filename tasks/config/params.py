@@ -6,6 +6,7 @@ costs a second. Stages take these objects, never raw dicts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -67,16 +69,30 @@ class Mnist1dArgs(_Frozen):
 
 class DatasetSpec(_Frozen):
     kind: Literal["mnist1d", "npz"]
-    classes: list[Annotated[int, Field(ge=0)]] | None = None
+    # labels to keep as stored (ints or strings, matched by their text: 1 matches '1'),
+    # relabelled 0..K-1 in this order; null: all, sorted
+    classes: list[int | str] | None = None
     generator: Mnist1dArgs | None = None
     path: Path | None = None
+    # series of unequal length in one dataset (NaN-padded at the end): refuse them, or stretch
+    # each linearly to the dataset's longest (kind npz only)
+    unequal_lengths: Literal["refuse", "resample"] = "refuse"
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_not_bool(cls, classes: Any) -> Any:
+        # YAML `true` would pass as the int 1; a label is never a bool
+        if isinstance(classes, list) and any(isinstance(c, bool) for c in classes):
+            raise ValueError("labels are integers or strings, not true/false")
+        return classes
 
     @field_validator("classes")
     @classmethod
-    def _classes_nonempty_unique(cls, classes: list[int] | None) -> list[int] | None:
+    def _classes_nonempty_unique(cls, classes: list[int | str] | None) -> list[int | str] | None:
         if classes is not None and len(classes) == 0:
             raise ValueError("must name at least one class (or be null to keep all)")
-        if classes is not None and len(set(classes)) != len(classes):
+        # 1 and '1' name the same stored label
+        if classes is not None and len({str(c) for c in classes}) != len(classes):
             raise ValueError("lists a class twice")
         return classes
 
@@ -84,6 +100,14 @@ class DatasetSpec(_Frozen):
     def _kind_matches_fields(self) -> DatasetSpec:
         if self.kind == "mnist1d" and self.path is not None:
             raise ValueError("'path' is only for kind npz")
+        if self.kind == "mnist1d" and not all(
+            isinstance(c, int) and 0 <= c <= 9 for c in self.classes or []
+        ):
+            raise ValueError(
+                f"classes: kind mnist1d has classes 0-9 (integers), got {self.classes}"
+            )
+        if self.kind == "mnist1d" and self.unequal_lengths != "refuse":
+            raise ValueError("'unequal_lengths' is only for kind npz (mnist1d series share L)")
         if self.kind == "npz" and self.generator is not None:
             raise ValueError("'generator' is only for kind mnist1d")
         if self.kind == "npz" and self.path is None:
@@ -137,21 +161,34 @@ class ExtractParams(_Frozen):
 
 class FinetuneParams(TrainParams):
     strategies: list[Strategy] = Field(default_factory=lambda: ["scratch", "linear_probe"])
+    # label budgets: shares of a target's training split, and labels per class (few-shot)
     fractions: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [1.0])
+    shots: list[PositiveInt] = Field(default_factory=list)
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [3e-3])
     backbone_lr_scale: PositiveFloat = 0.1
     freeze_blocks: PositiveInt = 1
     probe_l2: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1e-3])
 
-    @field_validator("strategies", "fractions", "seeds", "lrs", "probe_l2")
+    @field_validator("strategies", "seeds", "lrs", "probe_l2")
     @classmethod
-    def _nonempty_unique(cls, values: list[Any]) -> list[Any]:
+    def _nonempty(cls, values: list[Any]) -> list[Any]:
         if not values:
             raise ValueError("must not be empty")
+        return values
+
+    @field_validator("strategies", "fractions", "shots", "seeds", "lrs", "probe_l2")
+    @classmethod
+    def _unique(cls, values: list[Any]) -> list[Any]:
         if len(set(values)) != len(values):
             raise ValueError("lists a value twice")
         return values
+
+    @model_validator(mode="after")
+    def _has_a_budget(self) -> FinetuneParams:
+        if not self.fractions and not self.shots:
+            raise ValueError("finetune needs at least one label budget in fractions or shots")
+        return self
 
     @field_validator("strategies")
     @classmethod
@@ -178,6 +215,15 @@ class FlowParams(_Frozen):
     dask_address: str | None = None
 
 
+class ParamsOrigin(_Frozen):
+    """Where a Params came from: the file, its content's hash and the command line's overrides.
+    Not part of the study: it names the execution in its report."""
+
+    path: str
+    sha256: str
+    overrides: tuple[str, ...] = ()
+
+
 class Params(_Frozen):
     experiment: str = "transfer-study"
     registered_model: str = "transfer-study-backbone"
@@ -190,6 +236,11 @@ class Params(_Frozen):
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
     flow: FlowParams = FlowParams()
+    _origin: ParamsOrigin | None = PrivateAttr(default=None)  # set by load_params
+
+    @property
+    def origin(self) -> ParamsOrigin | None:
+        return self._origin
 
     @model_validator(mode="after")
     def _partial_leaves_a_block_to_train(self) -> Params:
@@ -308,6 +359,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
     except ValidationError as err:
         raise ParamsError(_format_validation_error(err, path)) from err
     _check_paths_exist(params, path)
+    sha256 = hashlib.sha256(text.encode()).hexdigest()
+    params._origin = ParamsOrigin(path=str(path), sha256=sha256, overrides=tuple(overrides))
     return params
 
 

@@ -1,28 +1,51 @@
 """Dataset sources, a registry by `kind`: the built-in MNIST-1D generator and a user's arrays
-in .npz. Each loads, checks and returns raw arrays; `build_splits` turns them into the fixed,
-stratified splits that `prepare` writes."""
+in .npz (tasks/data/npz.py). Each loads, checks and returns raw arrays with their labels as
+stored; `build_splits` keeps the wanted classes and turns them into the fixed, stratified splits
+that `prepare` writes."""
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from tasks.data.datasets import SPLITS, DataError, Labelled, keep_classes, stratified_split
-from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.config.params import DatasetSpec, Mnist1dArgs, Params, SplitParams
+from tasks.data.datasets import (
+    SPLITS,
+    DataError,
+    Labelled,
+    RawDataset,
+    keep_classes,
+    stratified_split,
+)
+from tasks.data.mnist1d_fast import make_dataset_fast
+from tasks.data.npz import listed, read_npz, sorted_labels
+
+SOURCE = "source"  # the pretraining dataset's name: it needs no test split of its own
+TestSource = Literal["shipped", "cut", "none"]
 
 
 @dataclass(frozen=True)
-class RawDataset:
-    pool: Labelled  # everything that is not a given test set; split into train/val (and test)
-    test: Labelled | None  # the source's own test set, when it ships one
+class BuiltDataset:
+    splits: dict[str, Labelled]  # train, val, and test unless test_source is "none"
+    classes: list[int | str]  # the original label of each class index 0..K-1
+    test_source: TestSource  # the test split: shipped with the data, cut from it, or none
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(C, L) of every example."""
+        channels, length = self.splits["train"].x.shape[1:]
+        return channels, length
 
 
-def _mnist1d(spec: DatasetSpec) -> RawDataset:
+def describe(spec: DatasetSpec, key: str) -> str:
+    """Where a dataset comes from, for messages: its params key and the user's file (or kind)."""
+    return f"{key} ({spec.path or spec.kind})"
+
+
+def _mnist1d(spec: DatasetSpec, key: str) -> RawDataset:
     """Generate with the published MNIST-1D generator (mnist1d.data.make_dataset), or its
     vectorised twin (tasks/data/mnist1d_fast.py) with `engine: fast`."""
     from mnist1d.data import get_dataset_args, get_templates, make_dataset
@@ -33,10 +56,11 @@ def _mnist1d(spec: DatasetSpec) -> RawDataset:
     args["padding"] = list(gen.padding)
     templates = get_templates()
     if spec.classes is not None:
-        if max(spec.classes) >= len(templates["y"]):
+        wanted = [int(c) for c in spec.classes]  # ints 0-9: DatasetSpec checks kind mnist1d's
+        if max(wanted) >= len(templates["y"]):
             raise DataError(f"mnist1d has classes 0-9; classes {spec.classes} asks for more")
         # Generating from a template subset spends all num_samples on the wanted classes.
-        keep = np.asarray(spec.classes)
+        keep = np.asarray(wanted)
         templates = {"x": templates["x"][keep], "t": templates["t"], "y": templates["y"][keep]}
     if gen.engine == "fast":
         data = make_dataset_fast(args, templates)
@@ -48,104 +72,77 @@ def _mnist1d(spec: DatasetSpec) -> RawDataset:
     return RawDataset(pool=Labelled(x, y), test=None)
 
 
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: file is empty")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from err
+SOURCES: dict[str, Callable[[DatasetSpec, str], RawDataset]] = {
+    "mnist1d": _mnist1d,
+    "npz": read_npz,
+}
 
 
-def _check_pair(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> Labelled:
-    if x.ndim not in (2, 3):
-        raise DataError(f"{path}: '{xname}' must have shape (N, L) or (N, C, L), got {x.shape}")
-    if y.ndim != 1:
-        raise DataError(f"{path}: '{yname}' must have shape (N,), got {y.shape}")
-    if len(x) != len(y):
-        raise DataError(f"{path}: '{xname}' has {len(x)} rows but '{yname}' has {len(y)}")
-    if len(y) == 0:
-        raise DataError(f"{path}: '{xname}' and '{yname}' hold no examples")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise DataError(f"{path}: '{xname}' must be real numbers, got dtype {x.dtype}")
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
-        raise DataError(f"{path}: '{xname}' has NaN or inf values in {bad} examples")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{path}: '{yname}' must hold integer labels, got dtype {y.dtype}")
-    if y.min() < 0:
-        raise DataError(f"{path}: '{yname}' has negative labels (min {y.min()})")
-    # Models compute in float32: refuse values that would not survive the cast, rather than
-    # silently turning them into inf.
-    with np.errstate(over="ignore"):
-        as_float32 = x.astype(np.float32)
-    if not np.isfinite(as_float32).all():
-        raise DataError(f"{path}: '{xname}' has values beyond float32's range (|x| > 3.4e38)")
-    return Labelled(as_float32[:, None, :] if x.ndim == 2 else as_float32, y.astype(np.int64))
+# --- classes and splits ------------------------------------------------------------------------
 
 
-def _npz(spec: DatasetSpec) -> RawDataset:
-    """A user's arrays: x (N, L) or (N, C, L), y (N,), and optionally x_test, y_test."""
-    path = spec.path
-    arrays = _npz_arrays(path)
-    for key in ("x", "y"):
-        if key not in arrays:
-            raise DataError(f"{path}: missing array '{key}' (found: {sorted(arrays) or 'none'})")
-    pool = _check_pair(path, arrays["x"], arrays["y"], "x", "y")
-    test = None
-    if ("x_test" in arrays) != ("y_test" in arrays):
-        raise DataError(f"{path}: 'x_test' and 'y_test' must come together")
-    if "x_test" in arrays:
-        test = _check_pair(path, arrays["x_test"], arrays["y_test"], "x_test", "y_test")
-        if test.x.shape[1:] != pool.x.shape[1:]:
-            raise DataError(
-                f"{path}: 'x_test' examples have shape {test.x.shape[1:]}, "
-                f"'x' has {pool.x.shape[1:]}"
-            )
-    labels = np.unique(pool.y)
-    if spec.classes is None and not np.array_equal(labels, np.arange(len(labels))):
+def _chosen_classes(spec: DatasetSpec, y: np.ndarray, where: str) -> list[int | str]:
+    """The original label of each class index: `classes` as listed, matched to the stored
+    labels by text (YAML 1 finds the stored '1'), or every stored label in class order."""
+    stored = sorted_labels(y)
+    if spec.classes is None:
+        return stored
+    by_text = {str(label): label for label in stored}
+    missing = [label for label in spec.classes if str(label) not in by_text]
+    if missing:
         raise DataError(
-            f"{path}: labels in 'y' must run 0..K-1 without gaps, got {labels.tolist()}"
-            " (or name the ones to keep in 'classes')"
+            f"{where}: classes {missing} have no examples (labels in the data: {listed(stored)})"
         )
-    return RawDataset(pool=pool, test=test)
+    return [by_text[str(label)] for label in spec.classes]
 
 
-SOURCES: dict[str, Callable[[DatasetSpec], RawDataset]] = {"mnist1d": _mnist1d, "npz": _npz}
+def _cut(
+    pool: Labelled, fractions: dict[str, float], seed: int, where: str, classes: list[int | str]
+) -> dict[str, Labelled]:
+    index = stratified_split(pool.y, fractions, seed, where, classes)
+    return {name: pool.take(index[name]) for name in SPLITS if name in index}
 
 
 def build_splits(
-    spec: DatasetSpec, split: SplitParams, where: str
-) -> tuple[dict[str, Labelled], list[int]]:
-    """Load a dataset by its kind, keep its classes, and cut fixed stratified splits.
-
-    Returns the splits (labels 0..K-1) and the original label of each class index.
-    """
-    raw = SOURCES[spec.kind](spec)
-    classes = spec.classes if spec.classes is not None else np.unique(raw.pool.y).tolist()
+    spec: DatasetSpec, split: SplitParams, key: str, cut_test: bool = True
+) -> BuiltDataset:
+    """Load a dataset by its kind (`key`: its params key), keep its classes, relabel them
+    0..K-1, and cut fixed stratified splits: train and val from its pool, and as test the
+    arrays it ships, else a cut from the pool if `cut_test`, else none."""
+    where = describe(spec, key)
+    raw = SOURCES[spec.kind](spec, key)
+    classes = _chosen_classes(spec, raw.pool.y, where)
     pool = keep_classes(raw.pool, classes, where)
-    if raw.test is None:
-        cuts = {"val": split.val, "test": split.test}
-        index = stratified_split(pool.y, cuts, split.seed, where)
-        return {name: pool.take(index[name]) for name in SPLITS}, classes
-    test = keep_classes(raw.test, classes, f"{where} (test arrays)")
-    index = stratified_split(pool.y, {"val": split.val}, split.seed, where)
-    splits = {"train": pool.take(index["train"]), "val": pool.take(index["val"]), "test": test}
-    return splits, classes
+    if raw.test is not None:
+        test = keep_classes(raw.test, classes, f"{where} (test arrays)")
+        splits = _cut(pool, {"val": split.val}, split.seed, where, classes) | {"test": test}
+        return BuiltDataset(splits, classes, "shipped")
+    fractions = {"val": split.val} | ({"test": split.test} if cut_test else {})
+    splits = _cut(pool, fractions, split.seed, where, classes)
+    return BuiltDataset(splits, classes, "cut" if cut_test else "none")
+
+
+def cuts_test(name: str) -> bool:
+    """Whether dataset `name` gets a test split cut when it ships none: every target does; the
+    source does not (pretraining uses train and val only)."""
+    return name != SOURCE
 
 
 def datasets(params: Params) -> dict[str, tuple[DatasetSpec, str]]:
-    """Every dataset of the study by name, with where it comes from for error messages: the
-    params key, and the user's file or the built-in kind."""
-    named = {"source": ("source", params.source)}
-    named |= {name: (f"targets.{name}", spec) for name, spec in params.targets.items()}
-    return {name: (spec, f"{key} ({spec.path or spec.kind})") for name, (key, spec) in named.items()}
+    """Every dataset of the study by name, with its params key (for messages)."""
+    named = {SOURCE: (params.source, SOURCE)}
+    return named | {name: (spec, f"targets.{name}") for name, spec in params.targets.items()}
 
 
-def check_user_data(params: Params) -> None:
+def check_user_data(params: Params) -> dict[str, tuple[int, int]]:
     """Read and check every user data file as `prepare` will, writing nothing: the pre-flight
-    check before a run. Built-in generators are left to `prepare` (they cost real time)."""
-    for spec, where in datasets(params).values():
+    check before a run. Returns each dataset's input shape (C, L); built-in generators are not
+    run (they cost real time): their shape follows from their params."""
+    shapes = {}
+    for name, (spec, key) in datasets(params).items():
         if spec.path is not None:
-            build_splits(spec, params.split, where)
+            built = build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            shapes[name] = built.input_shape
+        else:
+            shapes[name] = (1, spec.generator_args.final_seq_length)
+    return shapes

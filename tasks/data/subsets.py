@@ -1,23 +1,89 @@
-"""Label budgets: which training examples a run may see at a given fraction and seed."""
+"""Label budgets: how many training labels a run may see, and which ones at a given seed.
+
+A budget is a fraction of a target's training split (`finetune.fractions`) or a number of labels
+per class (`finetune.shots`, the few-shot convention). Both take, in every class, a prefix of one
+seeded permutation of that class: subsets are nested across budgets (5% contains 2%, 10-shot
+contains 5-shot) and identical across strategies for the same seed, which makes their comparison
+paired. Two budgets that take the same number of labels in every class are the same subsets, so
+they are merged (`resolve_budgets`).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 
-def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a stratified `fraction` of `y`, at least one example per class, sorted.
+@dataclass(frozen=True)
+class Budget:
+    """One label budget of a target, resolved against its training labels."""
 
-    Each class is ordered by a permutation that depends on the seed and the class only, and the
-    subset takes a prefix of it: so subsets are nested across fractions (5% contains 2%) and
-    identical across strategies for the same seed, which makes their comparison paired.
-    """
+    name: str  # "1%" for the fraction 0.01, "5-shot" for 5 labels per class
+    per_class: tuple[int, ...]  # labels taken from each class, in class order
+
+    @property
+    def n_labels(self) -> int:
+        return sum(self.per_class)
+
+    @property
+    def per_class_text(self) -> str:
+        """"5", or "1-3" when classes of different sizes take different counts."""
+        low, high = min(self.per_class), max(self.per_class)
+        return str(low) if low == high else f"{low}-{high}"
+
+
+def fraction_name(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def shots_name(shots: int) -> str:
+    return f"{shots}-shot"
+
+
+def _fraction_counts(class_sizes: np.ndarray, fraction: float) -> tuple[int, ...]:
+    # round() first: 0.07 * 100 is 7.000000000000001, and ceil would make it 8
+    return tuple(max(1, math.ceil(round(fraction * n, 9))) for n in class_sizes.tolist())
+
+
+def resolve_budgets(
+    y: np.ndarray, fractions: list[float], shots: list[int]
+) -> tuple[list[Budget], list[str]]:
+    """The distinct budgets of a training split with labels `y` (N,), fewest labels first, and
+    a line for each merge or cap: budgets that take the same labels in every class are one
+    budget (named by the first listed, fractions before shots), and shots beyond a class's size
+    take the whole class."""
+    sizes = np.bincount(y)  # (K,) training examples per class
+    asked = [(fraction_name(f), _fraction_counts(sizes, f)) for f in fractions]
+    notes = []
+    for k in shots:
+        counts = tuple(min(k, n) for n in sizes.tolist())
+        if k > sizes.min():
+            notes.append(
+                f"{shots_name(k)}: {int((sizes < k).sum())} classes have fewer than {k} training "
+                f"examples (the smallest {sizes.min()}); they give all they have"
+            )
+        asked.append((shots_name(k), counts))
+    kept: dict[tuple[int, ...], list[str]] = {}
+    for name, counts in asked:
+        kept.setdefault(counts, []).append(name)
+    for counts, names in kept.items():
+        if len(names) > 1:
+            notes.append(
+                f"budgets {', '.join(names)} all take {sum(counts)} labels "
+                f"({Budget(names[0], counts).per_class_text} per class): kept as {names[0]}"
+            )
+    budgets = [Budget(names[0], counts) for counts, names in kept.items()]
+    return sorted(budgets, key=lambda b: b.n_labels), notes
+
+
+def label_subset(y: np.ndarray, per_class: tuple[int, ...], seed: int) -> np.ndarray:
+    """Indices of `per_class[k]` examples of each class k of `y` (N,), sorted: a prefix of a
+    permutation that depends on the seed and the class only."""
     chosen = []
-    for label in np.unique(y):
+    for label, count in enumerate(per_class):
         members = np.flatnonzero(y == label)
-        order = np.random.default_rng([seed, int(label)]).permutation(members)
-        # round() first: 0.07 * 100 is 7.000000000000001, and ceil would make it 8
-        chosen.append(order[: max(1, math.ceil(round(fraction * len(members), 9)))])
+        order = np.random.default_rng([seed, label]).permutation(members)
+        chosen.append(order[:count])
     return np.sort(np.concatenate(chosen))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 class ProbeResult:
     l2: float  # the regularisation strength chosen on validation
     val_acc: float
+    val_loss: float  # mean cross-entropy of the chosen classifier on validation
     test_acc: float
     val_acc_by_l2: dict[float, float]
     weight: torch.Tensor  # (K, D): the chosen classifier, on raw (unstandardised) features
@@ -68,6 +69,8 @@ def fit_probe(
                 best = (l2, scores[l2], weight.detach().clone(), bias.detach().clone())
     l2, val_acc, best_weight, best_bias = best
     test_acc = _accuracy(best_weight, best_bias, x_test, y_test)
+    val_loss = F.cross_entropy(x_val @ best_weight.T + best_bias, y_val).item()
     # W (x - m) / s + b  ==  (W / s) x + (b - (W / s) m): the same classifier on raw features
     raw_weight = best_weight / std
-    return ProbeResult(l2, val_acc, test_acc, scores, raw_weight, best_bias - raw_weight @ mean)
+    raw_bias = best_bias - raw_weight @ mean
+    return ProbeResult(l2, val_acc, val_loss, test_acc, scores, raw_weight, raw_bias)

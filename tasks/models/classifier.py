@@ -14,31 +14,33 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.config.params import ModelParams
 from tasks.models.errors import CheckpointError
+from tasks.models.shapes import input_args
 from tasks.workspace import files
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: cnn1d pools over time (format 1 flattened)
 
 
 class Cnn1d(nn.Module):
-    """Strided 1D convolutions, as in the MNIST-1D paper's CNN. x: (B, C, L) -> (B, D)."""
+    """Strided 1D convolutions, as in the MNIST-1D paper's CNN, ending in global average pooling
+    as the fully convolutional networks of time-series transfer do (Fawaz et al. 2018): the
+    weights do not depend on the series' length, so a backbone pretrained on one length takes
+    any other. x: (B, C, L) -> (B, channels[-1])."""
 
-    def __init__(self, in_channels: int, length: int, channels: list[int], kernel_size: int):
+    def __init__(self, in_channels: int, channels: list[int], kernel_size: int):
         super().__init__()
         blocks, width = [], in_channels
         for out in channels:
             conv = nn.Conv1d(width, out, kernel_size, stride=2, padding=kernel_size // 2)
             blocks.append(nn.Sequential(conv, nn.ReLU()))
-            length = (length + 2 * (kernel_size // 2) - kernel_size) // 2 + 1
             width = out
         self.blocks = nn.ModuleList(blocks)
-        self.feature_dim = width * length
+        self.feature_dim = width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)  # (B, C_i, L_i), L halves per block
-        return x.flatten(1)  # (B, C_last * L_last)
+        return x.mean(-1)  # (B, C_last): the average over time
 
 
 class Mlp(nn.Module):
@@ -60,7 +62,7 @@ class Mlp(nn.Module):
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
-    "cnn1d": lambda a: Cnn1d(a["in_channels"], a["length"], a["channels"], a["kernel_size"]),
+    "cnn1d": lambda a: Cnn1d(a["in_channels"], a["channels"], a["kernel_size"]),
     "mlp": lambda a: Mlp(a["in_channels"], a["length"], a["hidden"]),
 }
 
@@ -73,23 +75,14 @@ class Classifier(nn.Module):
         self.arch = arch  # the args that rebuilt this backbone (see `architecture`)
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, num_classes)
+        # backbone parameters that start fresh rather than pretrained (see pretrained_classifier)
+        self.fresh: frozenset[str] = frozenset()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, D): what `extract` caches and the probe reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes) logits
-
-
-def architecture(model: ModelParams, input_shape: tuple[int, int]) -> dict[str, Any]:
-    """The args that rebuild a backbone; stored in every checkpoint."""
-    in_channels, length = input_shape
-    arch: dict[str, Any] = {"name": model.backbone, "in_channels": in_channels, "length": length}
-    if model.backbone == "cnn1d":
-        arch |= {"channels": list(model.channels), "kernel_size": model.kernel_size}
-    else:
-        arch |= {"hidden": list(model.hidden)}
-    return arch
 
 
 def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
@@ -156,18 +149,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return payload
 
 
+def arch_for(arch: dict[str, Any], input_shape: tuple[int, int]) -> dict[str, Any]:
+    """The architecture `arch` (a checkpoint's) built for inputs of `input_shape` (C, L): the
+    same, but for the input layer's args where the shape differs (see pretrained_classifier);
+    scratch builds from it too, so that it is the same network as the transfer runs'."""
+    return {**arch, **input_args(arch["name"], input_shape)}
+
+
+# A fresh input layer (a target whose shape the pretrained one cannot take) is drawn from this
+# seed in every stage and run, so that the features `extract` gives the probe are the features
+# every fine-tuned network starts from (lp_ft puts the probe's head on them).
+FRESH_INPUT_SEED = 0
+
+
 def pretrained_classifier(
-    payload: dict[str, Any], num_classes: int, seed: int, path: Path
+    payload: dict[str, Any],
+    num_classes: int,
+    seed: int,
+    path: Path,
+    input_shape: tuple[int, int] | None = None,
 ) -> Classifier:
-    """The checkpoint's backbone with a fresh head of `num_classes` outputs (seeded init)."""
-    model = build_classifier(payload["arch"], num_classes, seed)
-    backbone_state = {
+    """The checkpoint's backbone with a fresh head of `num_classes` outputs (seeded init).
+
+    For inputs of `input_shape` (C, L) that the pretrained input layer cannot take (another
+    channel count; for mlp, another C x L), the first block starts fresh and every other layer
+    keeps its pretrained weights; its parameter names are in `model.fresh`, and fine-tuning
+    trains them at the head's learning rate, never frozen.
+    """
+    arch = payload["arch"] if input_shape is None else arch_for(payload["arch"], input_shape)
+    model = build_classifier(arch, num_classes, seed)
+    pretrained = {
         k.removeprefix("backbone."): v
         for k, v in payload["state_dict"].items()
         if k.startswith("backbone.")
     }
+    if arch != payload["arch"]:
+        fresh = build_classifier(arch, num_classes, FRESH_INPUT_SEED).backbone.blocks[0]
+        layer = {f"blocks.0.{name}": value for name, value in fresh.state_dict().items()}
+        pretrained |= layer
+        model.fresh = frozenset(f"backbone.{name}" for name in layer)
     try:
-        model.backbone.load_state_dict(backbone_state)
+        model.backbone.load_state_dict(pretrained)
     except RuntimeError as err:
         raise CheckpointError(
             f"{path}: weights do not fit the architecture it declares ({payload['arch']}): "
@@ -176,5 +198,7 @@ def pretrained_classifier(
     return model
 
 
-def classifier_from_checkpoint(path: Path, num_classes: int, seed: int) -> Classifier:
-    return pretrained_classifier(load_checkpoint(path), num_classes, seed, path)
+def classifier_from_checkpoint(
+    path: Path, num_classes: int, seed: int, input_shape: tuple[int, int] | None = None
+) -> Classifier:
+    return pretrained_classifier(load_checkpoint(path), num_classes, seed, path, input_shape)

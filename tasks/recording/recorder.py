@@ -61,6 +61,10 @@ class Recorder:
         """Register `model` (inputs like `example`) as a new version of `name`; its version."""
         return None
 
+    def identity(self) -> str | None:
+        """This record's id in its store (an MLflow run id), if it has one."""
+        return None
+
     def failure(self) -> str | None:
         """The tracking error after which records were skipped, if any (results never are)."""
         return None
@@ -91,6 +95,9 @@ class MemoryRecorder(Recorder):
     times: tuple[float, float] | None = None  # (started, ended) of a `finished` record
     children: list[MemoryRecorder] = field(default_factory=list)
     status: str = "RUNNING"
+
+    def identity(self) -> str | None:
+        return f"memory:{self.name}"
 
     def child(
         self, name: str, tags: dict[str, str] | None = None, inputs: Sequence[Path] = ()

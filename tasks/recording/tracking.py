@@ -297,6 +297,9 @@ class Run(Recorder):
         connection.call("set_registered_model_alias", name, MODEL_ALIAS, version.version)
         return version.version
 
+    def identity(self) -> str | None:
+        return self.run_id
+
     def failure(self) -> str | None:
         return self.connection.error
 

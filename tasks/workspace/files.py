@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# The user's umask, read once at import (reading it means setting it, which threads would race)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class OutputError(OSError):
@@ -37,6 +40,8 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp = Path(tmp_name)
+        # mkstemp creates 0600; the file a user finds gets the mode their umask gives new files
+        os.chmod(tmp, 0o666 & ~_UMASK)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())

@@ -1,0 +1,62 @@
+"""What shape of input a backbone takes, without building one (no torch here: the pre-flight
+check uses it before any heavy import). The first layer is the only one whose shape depends on
+the input's: cnn1d takes any length (it pools over time) but a fixed channel count, mlp a fixed
+C x L. A target it cannot take gets a fresh input layer (tasks.models.classifier)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.config.params import ModelParams
+from tasks.data.datasets import DataError
+
+
+def input_args(backbone: str, input_shape: tuple[int, int]) -> dict[str, int]:
+    """The architecture's args that depend on the input's shape (C, L): the first layer's."""
+    in_channels, length = input_shape
+    if backbone == "cnn1d":
+        return {"in_channels": in_channels}  # any length: it pools over time
+    return {"in_channels": in_channels, "length": length}  # mlp: it flattens C x L
+
+
+def architecture(model: ModelParams, input_shape: tuple[int, int]) -> dict[str, Any]:
+    """The args that rebuild a backbone; stored in every checkpoint."""
+    arch: dict[str, Any] = {"name": model.backbone, **input_args(model.backbone, input_shape)}
+    if model.backbone == "cnn1d":
+        arch |= {"channels": list(model.channels), "kernel_size": model.kernel_size}
+    else:
+        arch |= {"hidden": list(model.hidden)}
+    return arch
+
+
+def input_mismatch(arch: dict[str, Any], input_shape: tuple[int, int]) -> str | None:
+    """Why a pretrained backbone's input layer cannot take inputs of `input_shape`, or None.
+    Such a target gets a fresh input layer (see `pretrained_classifier`)."""
+    wanted = input_args(arch["name"], input_shape)
+    differs = [
+        f"{key} {value} (pretrained on {arch[key]})"
+        for key, value in wanted.items()
+        if arch[key] != value
+    ]
+    return ", ".join(differs) or None
+
+
+def check_targets_fit(model: ModelParams, shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """Before pretraining (pre-flight, and the pretrain stage): refuse a target that would keep
+    no pretrained layer. Returns a line for each target that gets a fresh input layer (`extract`
+    says so again when it builds one). `shapes`: (C, L) of every dataset, "source" included."""
+    arch = architecture(model, shapes["source"])
+    blocks = len(model.channels if model.backbone == "cnn1d" else model.hidden)
+    notes = []
+    for name, shape in shapes.items():
+        mismatch = input_mismatch(arch, shape)
+        if name == "source" or mismatch is None:
+            continue
+        if blocks == 1:
+            raise DataError(
+                f"targets.{name}: the {model.backbone} backbone's only layer is its input layer, "
+                f"which cannot take {mismatch}: nothing pretrained would be left to transfer "
+                "(use model.backbone cnn1d, which takes any length, or more layers)"
+            )
+        notes.append(f"targets.{name}: a fresh input layer for {mismatch}")
+    return notes
