@@ -77,7 +77,13 @@ def _compare_the_others(
     """One target's failure does not cost the others their comparison: compare those that
     finished, with the failed listed in the report, then fail the flow. DVC does not record this
     partial comparison, so the next run that finishes every target compares them all."""
-    errors = {target: str(err).splitlines()[0] for target, err in failed.items()}
+    errors = {}
+    for target, err in failed.items():
+        first_line = (str(err).splitlines() or [""])[0]
+        errors[target] = first_line
+        if not frame.is_user_error(err):  # a bug: its traceback, before the one-line summary
+            log.error("%s failed", target, exc_info=err)
+            errors[target] = f"{type(err).__name__}: {first_line}".rstrip(": ")
     if len(failed) < len(params.targets):
         compare_(params, layout, recorder, failed=errors)
         where = "reports/report.md compares the others and lists the failed"

@@ -31,7 +31,7 @@ from tasks.analysis.statistics import (
     verdict,
 )
 from tasks.config.params import Params
-from tasks.data.datasets import MIN_VAL_PER_CLASS, load_meta, load_split
+from tasks.data.datasets import load_meta, load_split, small_validation
 from tasks.data.subsets import resolve_budgets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
@@ -207,7 +207,7 @@ def headline_metrics(summary: pd.DataFrame, table: pd.DataFrame) -> dict:
             numbers |= {
                 "aulc_gain": round(row.aulc_gain_vs_scratch, 6),
                 "gain_fewest_labels": round(curve.gain_vs_scratch.iloc[0], 6),
-                "gain_all_labels": round(curve.gain_vs_scratch.iloc[-1], 6),
+                "gain_most_labels": round(curve.gain_vs_scratch.iloc[-1], 6),
             }
         metrics.setdefault(row.target, {})[row.strategy] = numbers
     return metrics
@@ -275,13 +275,8 @@ def _data_notes(params: Params, target: str, layout: Layout) -> list[str]:
     meta = load_meta(prepared)
     cfg = params.finetune
     _, notes = resolve_budgets(load_split(prepared, "train").y, cfg.fractions, cfg.shots)
-    smallest = min(meta["val_class_counts"])
-    if smallest < MIN_VAL_PER_CLASS:
-        notes.append(
-            f"the validation split has {smallest} example(s) in its smallest class (fewer than "
-            f"{MIN_VAL_PER_CLASS}): the choices made on it (learning rate, L2 strength, early "
-            "stopping, the best strategy) are noisy"
-        )
+    if note := small_validation(meta["val_class_counts"]):
+        notes.append(note)
     return notes
 
 

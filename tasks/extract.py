@@ -16,7 +16,7 @@ from tasks.models.classifier import (
     load_checkpoint,
     pretrained_classifier,
 )
-from tasks.models.shapes import input_mismatch
+from tasks.models.shapes import transfer_note
 from tasks.recording.recorder import Recorder
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
@@ -32,14 +32,10 @@ def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> 
     meta = load_meta(prepared)
     shape = tuple(meta["input_shape"])  # (C, L)
     payload = load_checkpoint(layout.checkpoint)
+    note = transfer_note(payload["arch"], target, shape)  # refuses a backbone of one layer
+    if note:
+        log.warning("%s (seed %d), under the pretrained layers", note, FRESH_INPUT_SEED)
     model = pretrained_classifier(payload, 1, seed=0, path=layout.checkpoint, input_shape=shape)
-    mismatch = input_mismatch(payload["arch"], shape)
-    if mismatch:
-        log.warning(
-            "%s: the pretrained input layer cannot take %s; a fresh one (seed %d) feeds the "
-            "pretrained layers above it",
-            *(target, mismatch, FRESH_INPUT_SEED),
-        )
     backbone = model.backbone.to(device).eval()
     features = {}
     inputs = [prepared / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tasks.config.params import DatasetSpec, Params
-from tasks.data.datasets import MIN_VAL_PER_CLASS, SPLITS, class_counts, save_splits
+from tasks.data.datasets import SPLITS, class_counts, save_splits, small_validation
 from tasks.data.sources import BuiltDataset, build_splits, cuts_test, datasets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
@@ -36,7 +36,8 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
             sizes[name] = meta["sizes"]
             save_splits(layout.prepared(name), data.splits, meta)
             _remove_stale_splits(layout.prepared(name), written=data.splits)
-            _warn_small_validation(name, meta["val_class_counts"])
+            if note := small_validation(meta["val_class_counts"]):
+                log.warning("%s: %s", name, note)
             log.info("prepared %s: %s", name, sizes[name])
         files.prune(root, keep=set(named))  # datasets no longer in params
         stage.log(
@@ -73,20 +74,6 @@ def _remove_stale_splits(directory: Path, written: Iterable[str]) -> None:
             raise files.OutputError(
                 f"{stale}: cannot remove a split this run no longer writes ({err.strerror or err})"
             ) from err
-
-
-def _warn_small_validation(name: str, val_counts: list[int]) -> None:
-    if min(val_counts) < MIN_VAL_PER_CLASS:
-        small = sum(count < MIN_VAL_PER_CLASS for count in val_counts)
-        log.warning(
-            "%s: validation split has fewer than %d examples in %d of %d classes (fewest %d); "
-            "model choices on it are noisy",
-            name,
-            MIN_VAL_PER_CLASS,
-            small,
-            len(val_counts),
-            min(val_counts),
-        )
 
 
 def main(argv: list[str] | None = None) -> None:

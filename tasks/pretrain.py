@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -39,10 +38,12 @@ def pretrain(params: Params, layout: Layout, recorder: Recorder) -> dict[str, fl
 
 
 def _prepared_shapes(layout: Layout) -> dict[str, tuple[int, int]]:
-    """(C, L) of every prepared dataset, by name (what `prepare` wrote is what params name)."""
+    """(C, L) of every prepared dataset, by name (what `prepare` wrote is what params name).
+    Read for a check only: the checkpoint does not depend on the targets, so dvc.yaml does not
+    list their files (`extract` checks its target again)."""
     return {
-        meta_file.parent.name: tuple(json.loads(meta_file.read_text())["input_shape"])
-        for meta_file in sorted(layout.prepared("source").parent.glob("*/meta.json"))
+        meta.parent.name: tuple(load_meta(meta.parent)["input_shape"])
+        for meta in sorted(layout.prepared("source").parent.glob("*/meta.json"))
     }
 
 

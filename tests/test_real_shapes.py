@@ -185,8 +185,9 @@ def test_nan_padded_tails_are_refused_with_the_fix(tmp_path: Path) -> None:
     assert "set targets.gunpoint.unequal_lengths: resample" in message
 
 
-def test_resampling_stretches_each_prefix_to_the_longest_of_x_and_x_test(tmp_path: Path) -> None:
-    # x: 7 steps wide, none longer than 4; x_test: one example of 5 (the longest), one of 3
+def test_resampling_stretches_each_prefix_to_the_longest_training_series(tmp_path: Path) -> None:
+    # x: 7 steps wide, none longer than 4; x_test: one example of 5 (longer), one of 3. The
+    # length comes from x alone: the test split decides nothing, not even the input length.
     lengths = [4, 3, 4, 2] * 2
     x = padded(lengths, width=7, channels=2)
     x_test = np.full((2, 2, 6), np.nan)
@@ -194,17 +195,18 @@ def test_resampling_stretches_each_prefix_to_the_longest_of_x_and_x_test(tmp_pat
     x_test[1, :, :3] = [[0, 4, 2], [1, 1, 7]]
     path = save(tmp_path / "d.npz", x=x, y=np.arange(8) % 2, x_test=x_test, y_test=[0, 1])
     built = build_splits(spec_for(path, unequal_lengths="resample"), SPLIT, "targets.d")
-    assert {s.x.shape[1:] for s in built.splits.values()} == {(2, 5)}
+    assert {s.x.shape[1:] for s in built.splits.values()} == {(2, 4)}
     test = built.splits["test"].x  # kept whole and in order
-    np.testing.assert_array_equal(test[0], x_test[0, :, :5])  # already the longest: unchanged
-    # 3 values onto 5 points: the new points fall at 0, 0.5, 1, 1.5, 2 on the old axis
-    np.testing.assert_allclose(test[1], [[0, 2, 4, 3, 2], [1, 1, 1, 4, 7]])
+    # 5 values onto 4 points: the new points fall at 0, 4/3, 8/3, 4 on the old axis
+    np.testing.assert_allclose(test[0], [[1, 7 / 3, 11 / 3, 5], [5, 11 / 3, 7 / 3, 1]], rtol=1e-6)
+    # 3 values onto 4 points: at 0, 2/3, 4/3, 2
+    np.testing.assert_allclose(test[1], [[0, 8 / 3, 10 / 3, 2], [1, 1, 3, 7]], rtol=1e-6)
     assert not any(np.isnan(s.x).any() for s in built.splits.values())
     for split in ("train", "val"):  # a ramp stays a ramp from its first to its last value
         for row in built.splits[split].x:
             start = row[0, 0]
             last = start + lengths[int(start // 100)] - 1
-            np.testing.assert_allclose(row, [np.linspace(start, last, 5)] * 2, rtol=1e-6)
+            np.testing.assert_allclose(row, [np.linspace(start, last, 4)] * 2, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -115,7 +115,7 @@ def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -
         "aulc",
         "aulc_gain",
         "gain_fewest_labels",
-        "gain_all_labels",
+        "gain_most_labels",
     }
 
 

@@ -34,7 +34,18 @@ def test_budgets_that_take_the_same_labels_are_merged_with_a_note() -> None:
     resolved, notes = resolve_budgets(y, [0.01, 0.02, 0.5], [1, 3])
     assert [b.name for b in resolved] == ["1%", "3-shot", "50%"]
     assert [b.n_labels for b in resolved] == [2, 6, 22]
-    assert notes == ["budgets 1%, 2%, 1-shot all take 2 labels (1 per class): kept as 1%"]
+    assert notes == [
+        "budgets 1%, 2%, 1-shot all take 2 labels (per class: 1% 1, 2% 1, 1-shot 1): kept as 1%"
+    ]
+
+
+def test_budgets_of_one_label_count_but_other_classes_are_one_point_of_the_curve() -> None:
+    y = np.repeat(np.arange(2), [90, 10])  # 10% takes 9 + 1, 5-shot 5 + 5: both 10 labels
+    resolved, notes = resolve_budgets(y, [0.1], [5])
+    assert [(b.name, b.per_class) for b in resolved] == [("10%", (9, 1))]
+    assert notes == [
+        "budgets 10%, 5-shot all take 10 labels (per class: 10% 1-9, 5-shot 5): kept as 10%"
+    ]
 
 
 def test_subsets_are_nested_across_budgets_of_both_kinds() -> None:

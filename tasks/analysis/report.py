@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,14 @@ from tasks.analysis.statistics import CONFIDENCE, NO_VARIATION
 from tasks.config.params import Params, ParamsOrigin
 from tasks.data.datasets import load_meta
 from tasks.data.sources import datasets
+from tasks.recording.lineage import md5
 from tasks.workspace.layout import Layout
+
+SHAPES = {  # what input shapes each backbone's pretrained input layer takes
+    "cnn1d": "The backbone pools over time, so a target may have any length; its input layer "
+    "takes the source's channel count.",
+    "mlp": "The backbone flattens C x L, so its input layer takes the source's shape only.",
+}
 
 
 @dataclass(frozen=True)
@@ -27,17 +33,13 @@ class Context:
     failed: dict[str, str] = field(default_factory=dict)  # target -> its error
 
 
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
 def describe_datasets(params: Params, layout: Layout) -> list[str]:
     """A line per dataset: its params key, its file and md5 (or its generator), shape and class
     names as stored."""
     lines = []
     for name, (spec, key) in datasets(params).items():
         origin = (
-            f"`{spec.path}` (md5 {_md5(spec.path)})"
+            f"`{spec.path}` (md5 {md5(spec.path)})"
             if spec.path is not None
             else f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
         )
@@ -190,15 +192,15 @@ def render(
         f"{params.split.test:.0%}, seed {params.split.seed}), unless it ships its own test "
         "arrays; the source into train / val only (pretraining scores the source's own test "
         "arrays when it ships them).",
-        "- **Shapes.** The backbone pools over time, so a target may have any length. A target "
-        "with another channel count gets a fresh input layer (seed 0 in every run, so the "
-        "probe's features are the ones fine-tuning starts from), trained at the head's "
-        "learning rate and never frozen; every other layer keeps its pretrained weights.",
+        f"- **Shapes.** {SHAPES[params.model.backbone]} A target the pretrained input layer "
+        "cannot take gets a fresh one (seed 0 in every run, so the probe's features are the "
+        "ones fine-tuning starts from), trained at the head's learning rate and never frozen; "
+        "every other layer keeps its pretrained weights.",
         f"- **Label budgets.** Fractions {cfg.fractions} of each target's training split "
         f"(stratified, at least one example per class) and {cfg.shots or 'no'} labels per class "
-        "(shots; a class with fewer gives all it has). Subsets are nested (a larger budget "
-        "contains the smaller ones); budgets that take the same labels in every class are "
-        "merged into the first listed.",
+        "(shots; a class with fewer gives all it has). A subset contains every smaller one that "
+        "takes no more in any class (5% contains 2%, 10-shot contains 5-shot); budgets that "
+        "take the same number of labels are merged into the first listed.",
         f"- **Seeds.** {cfg.seeds}: a seed fixes the label subset, the init and the data order. "
         "The same seed gives every strategy the same subset, so differences are paired.",
         "- **Strategies.** `scratch`: random init, same architecture. `linear_probe`: "

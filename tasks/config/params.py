@@ -359,7 +359,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
     except ValidationError as err:
         raise ParamsError(_format_validation_error(err, path)) from err
     _check_paths_exist(params, path)
-    sha256 = hashlib.sha256(text.encode()).hexdigest()
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # as `sha256sum` gives it
     params._origin = ParamsOrigin(path=str(path), sha256=sha256, overrides=tuple(overrides))
     return params
 

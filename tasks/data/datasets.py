@@ -60,6 +60,19 @@ def keep_classes(data: Labelled, classes: Sequence[int | str], where: str) -> La
     return Labelled(data.x[kept], relabelled[kept])
 
 
+def small_validation(val_counts: list[int]) -> str | None:
+    """A warning when a validation split (`val_counts`: examples per class) is too small for the
+    choices made on it, else None."""
+    if min(val_counts) >= MIN_VAL_PER_CLASS:
+        return None
+    small = sum(count < MIN_VAL_PER_CLASS for count in val_counts)
+    return (
+        f"the validation split has fewer than {MIN_VAL_PER_CLASS} examples in {small} of "
+        f"{len(val_counts)} classes (fewest {min(val_counts)}): the choices made on it (learning "
+        "rate, L2 strength, early stopping, the best strategy) are noisy"
+    )
+
+
 def class_counts(data: Labelled, num_classes: int) -> list[int]:
     """Examples per class index 0..K-1 (zeros included)."""
     return np.bincount(data.y, minlength=num_classes).tolist()

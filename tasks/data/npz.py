@@ -178,8 +178,9 @@ def _resample_all(
             f"{path}: 'x_test' examples have {channels['x_test']} channels, 'x' has "
             f"{channels['x']}"
         )
-    # x and x_test together, so that their examples share one length
-    longest = max(int(lengths.max()) for _, lengths in series.values())
+    # the training arrays' longest, for x_test too: the test split decides nothing, not even
+    # the input length (which the mlp backbone's size depends on)
+    longest = int(series["x"][1].max())
     return {name: _resample(x, lengths, longest) for name, (x, lengths) in series.items()}
 
 

@@ -2,10 +2,10 @@
 
 A budget is a fraction of a target's training split (`finetune.fractions`) or a number of labels
 per class (`finetune.shots`, the few-shot convention). Both take, in every class, a prefix of one
-seeded permutation of that class: subsets are nested across budgets (5% contains 2%, 10-shot
-contains 5-shot) and identical across strategies for the same seed, which makes their comparison
-paired. Two budgets that take the same number of labels in every class are the same subsets, so
-they are merged (`resolve_budgets`).
+seeded permutation of that class: a budget's subset contains every budget's that takes no more in
+any class (5% contains 2%, 10-shot contains 5-shot), and it is the same for every strategy at a
+seed, which makes their comparison paired. A learning curve has one point per label count, so
+budgets that take the same number of labels are merged (`resolve_budgets`).
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def resolve_budgets(
     y: np.ndarray, fractions: list[float], shots: list[int]
 ) -> tuple[list[Budget], list[str]]:
     """The distinct budgets of a training split with labels `y` (N,), fewest labels first, and
-    a line for each merge or cap: budgets that take the same labels in every class are one
-    budget (named by the first listed, fractions before shots), and shots beyond a class's size
-    take the whole class."""
+    a line for each merge or cap. Budgets that take the same number of labels are one budget,
+    the first listed (fractions before shots): the same subsets when they take the same labels
+    in every class, else a second point at the same label count, which no learning curve can
+    hold. Shots beyond a class's size take the whole class."""
     sizes = np.bincount(y)  # (K,) training examples per class
     asked = [(fraction_name(f), _fraction_counts(sizes, f)) for f in fractions]
     notes = []
@@ -65,17 +66,17 @@ def resolve_budgets(
                 f"examples (the smallest {sizes.min()}); they give all they have"
             )
         asked.append((shots_name(k), counts))
-    kept: dict[tuple[int, ...], list[str]] = {}
+    kept: dict[int, list[Budget]] = {}  # label count -> the budgets that take it
     for name, counts in asked:
-        kept.setdefault(counts, []).append(name)
-    for counts, names in kept.items():
-        if len(names) > 1:
+        kept.setdefault(sum(counts), []).append(Budget(name, counts))
+    for n_labels, same in kept.items():
+        if len(same) > 1:
+            per_class = ", ".join(f"{b.name} {b.per_class_text}" for b in same)
             notes.append(
-                f"budgets {', '.join(names)} all take {sum(counts)} labels "
-                f"({Budget(names[0], counts).per_class_text} per class): kept as {names[0]}"
+                f"budgets {', '.join(b.name for b in same)} all take {n_labels} labels (per "
+                f"class: {per_class}): kept as {same[0].name}"
             )
-    budgets = [Budget(names[0], counts) for counts, names in kept.items()]
-    return sorted(budgets, key=lambda b: b.n_labels), notes
+    return [kept[n][0] for n in sorted(kept)], notes
 
 
 def label_subset(y: np.ndarray, per_class: tuple[int, ...], seed: int) -> np.ndarray:

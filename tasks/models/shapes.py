@@ -41,22 +41,31 @@ def input_mismatch(arch: dict[str, Any], input_shape: tuple[int, int]) -> str | 
     return ", ".join(differs) or None
 
 
+def transfer_note(arch: dict[str, Any], target: str, shape: tuple[int, int]) -> str | None:
+    """None when the pretrained backbone `arch` takes inputs of `shape` (C, L) as they are;
+    else a line saying that the target gets a fresh input layer. Raises DataError when that
+    layer is the backbone's only one: nothing pretrained would be left to transfer."""
+    mismatch = input_mismatch(arch, shape)
+    if mismatch is None:
+        return None
+    if len(arch["channels"] if arch["name"] == "cnn1d" else arch["hidden"]) == 1:
+        fix = (
+            "add a block to model.channels"
+            if arch["name"] == "cnn1d"
+            else "use model.backbone cnn1d, which takes any length, or add a layer to model.hidden"
+        )
+        raise DataError(
+            f"targets.{target}: the {arch['name']} backbone's only layer is its input layer, "
+            f"which cannot take {mismatch}: nothing pretrained would be left to transfer ({fix})"
+        )
+    return f"targets.{target}: a fresh input layer for {mismatch}"
+
+
 def check_targets_fit(model: ModelParams, shapes: dict[str, tuple[int, int]]) -> list[str]:
-    """Before pretraining (pre-flight, and the pretrain stage): refuse a target that would keep
-    no pretrained layer. Returns a line for each target that gets a fresh input layer (`extract`
-    says so again when it builds one). `shapes`: (C, L) of every dataset, "source" included."""
+    """Before pretraining (pre-flight, and the pretrain stage): `transfer_note` for every target.
+    `shapes`: (C, L) of every dataset, "source" included."""
     arch = architecture(model, shapes["source"])
-    blocks = len(model.channels if model.backbone == "cnn1d" else model.hidden)
-    notes = []
-    for name, shape in shapes.items():
-        mismatch = input_mismatch(arch, shape)
-        if name == "source" or mismatch is None:
-            continue
-        if blocks == 1:
-            raise DataError(
-                f"targets.{name}: the {model.backbone} backbone's only layer is its input layer, "
-                f"which cannot take {mismatch}: nothing pretrained would be left to transfer "
-                "(use model.backbone cnn1d, which takes any length, or more layers)"
-            )
-        notes.append(f"targets.{name}: a fresh input layer for {mismatch}")
-    return notes
+    notes = [
+        transfer_note(arch, name, shape) for name, shape in shapes.items() if name != "source"
+    ]
+    return [note for note in notes if note is not None]
