@@ -194,6 +194,7 @@ def test_a_failing_target_beside_a_good_one(workspace: Path) -> None:
         doc["targets"] = {"short": short, "broken": short}
         doc["flow"] |= {"retries": 2, "retry_delay_seconds": 30}
         doc["pretrain"] |= {"max_epochs": 1}  # any backbone will do
+        doc["finetune"] |= {"strategies": ["scratch", "finetune"], "shots": []}  # a short grid
 
     edit_params(workspace, edit)
     old_report = (workspace / "reports/report.md").read_text()

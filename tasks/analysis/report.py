@@ -176,8 +176,7 @@ def render(
         lines += [
             f"## {target}",
             "",
-            *(f"> **Note:** {note}." for note in notes),
-            *([""] if notes else []),
+            *(line for note in notes for line in (f"> **Note:** {note}.", "")),
             f"![learning curves](plots/{target}_curves.png)",
             f"![gain over scratch](plots/{target}_gain.png)",
             "",
