@@ -47,6 +47,8 @@ from tasks.recording.store import TrackingError, check_tracking, tracking_uri
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_ALIAS = "current"  # the newest registered backbone ("latest" is reserved by MLflow)
+# The experiment kind MLflow's UI reads to choose its layout (its own value for model training)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 1000  # MLflow's limit of items per log_batch request (of them params: 100)
 
 log = logging.getLogger(__name__)
@@ -347,12 +349,16 @@ def open_store() -> None:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, creating the experiment if it does not exist yet."""
+    """The experiment's id, creating the experiment if it does not exist yet. It is marked as
+    model training, so that MLflow's UI opens it on its runs table rather than on the empty
+    pages of its GenAI mode (a kind someone set by hand is kept)."""
     found = client.get_experiment_by_name(name)
     if found:
+        if EXPERIMENT_KIND_TAG not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException as err:
         # On a shared server, another execution may have created it since we looked.
         if not _already_exists(err):
