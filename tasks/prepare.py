@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from pathlib import Path
 
 from tasks.config.params import DatasetSpec, Params
-from tasks.data.datasets import SPLITS, class_counts, save_splits, small_validation
+from tasks.data.datasets import class_counts, save_splits, small_validation
 from tasks.data.sources import BuiltDataset, build_splits, cuts_test, datasets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
@@ -35,7 +33,11 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
             meta = _meta(name, named[name][0], data)
             sizes[name] = meta["sizes"]
             save_splits(layout.prepared(name), data.splits, meta)
-            _remove_stale_splits(layout.prepared(name), written=data.splits)
+            # an older run's split this one no longer writes (the test.npz once cut from the
+            # source) must not pass for this run's
+            files.prune(
+                layout.prepared(name), keep={f"{s}.npz" for s in data.splits} | {"meta.json"}
+            )
             if note := small_validation(meta["val_class_counts"]):
                 log.warning("%s: %s", name, note)
             log.info("prepared %s: %s", name, sizes[name])
@@ -61,19 +63,6 @@ def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
         "train_class_counts": class_counts(data.splits["train"], num_classes),
         "val_class_counts": class_counts(data.splits["val"], num_classes),
     }
-
-
-def _remove_stale_splits(directory: Path, written: Iterable[str]) -> None:
-    """Delete the split files an older run wrote and this one did not (the test.npz once cut
-    from the source), so that no stale split passes for this run's."""
-    for split in sorted(set(SPLITS) - set(written)):
-        stale = directory / f"{split}.npz"
-        try:
-            stale.unlink(missing_ok=True)
-        except OSError as err:
-            raise files.OutputError(
-                f"{stale}: cannot remove a split this run no longer writes ({err.strerror or err})"
-            ) from err
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,7 +198,5 @@ def pretrained_classifier(
     return model
 
 
-def classifier_from_checkpoint(
-    path: Path, num_classes: int, seed: int, input_shape: tuple[int, int] | None = None
-) -> Classifier:
-    return pretrained_classifier(load_checkpoint(path), num_classes, seed, path, input_shape)
+def classifier_from_checkpoint(path: Path, num_classes: int, seed: int) -> Classifier:
+    return pretrained_classifier(load_checkpoint(path), num_classes, seed, path)
