@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> None:
     for key in ("task_runner", "workers", "dask_address"):  # the flags are flow.* overrides
         if getattr(args, key) is not None:
             args.overrides.append(f"flow.{key}={getattr(args, key)}")
-    result: list[str] = []
+    done: dict[str, str] = {}  # what the body leaves for the closing lines
 
     def body() -> None:
         params = frame.load(args)
+        done["experiment"] = params.experiment
         frame.preflight(params, Layout())
         with workspace_lock():  # a busy workspace is refused before Prefect starts, too
             booting = _boot_prefect_server()  # seconds in its own process: meanwhile...
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             flow = study.transfer_study.with_options(task_runner=task_runner(params.flow))
             try:
                 booting.join()
-                result.append(flow(str(args.params), args.overrides))
+                done["verdicts"] = flow(str(args.params), args.overrides)
             except TerminationSignal:  # Prefect's SIGTERM handler, before ours is back in place
                 raise frame.Terminated() from None
             except RuntimeError as err:
@@ -70,12 +71,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise frame.ServiceError(_start_failure(str(err))) from None
 
     frame.command(body)
-    print(f"\n{result[0]}\n")
-    print("Report:  reports/report.md (verdicts, learning curves, method); tables and plots in")
-    print("         reports/{comparison,summary,verdicts}.csv, reports/plots/*.png")
-    print(
-        f"MLflow:  mlflow ui --backend-store-uri {tracking_uri()}   (then http://127.0.0.1:5000)"
-    )
+    print(f"\n{done['verdicts']}\n")
+    print("Report:  reports/report.md, or report.html (verdicts, learning curves, method); tables")
+    print("         and plots in reports/{comparison,summary,verdicts}.csv, reports/plots/*.png")
+    from tasks.recording.tracking import runs_page  # imported by the flow already
+
+    if not tracking_uri().startswith(("http://", "https://")):
+        print(f"MLflow:  mlflow ui --backend-store-uri {tracking_uri()}, then open")
+    print(f"MLflow:  {runs_page(done['experiment'])}   (one row per execution)")
     print(f"DVC:     {_versioning_hint(args.params, args.overrides)}")
 
 

@@ -15,13 +15,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import get_run_context
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from flows.runners import share_api_with_local_workers
 from tasks import frame
 from tasks.analysis.report import read_verdicts, verdict_table
-from tasks.compare import compare
+from tasks.compare import compare, record_headlines, recorded_headlines
 from tasks.config.params import DEFAULT_PARAMS, Params, load_params
 from tasks.extract import extract
 from tasks.finetune import Fanout, TargetGrid, train_group
@@ -62,13 +63,14 @@ for _engine in ("prefect.task_runs", "prefect.flow_runs"):
 # Prefect's own result cache stays off: DVC is the one judge of what is stale
 # (tasks/recording/versioning.py), and a second cache could disagree with it.
 _stage = task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
-prepare_task = _stage(prepare, name="prepare")
-pretrain_task = _stage(pretrain, name="pretrain")
-extract_task = _stage(extract, name="extract", task_run_name="extract-{target}")
+# Task-run names are fixed (Prefect would add a random suffix): `prepare`, `extract/<target>`...
+prepare_task = _stage(prepare, name="prepare", task_run_name="prepare")
+pretrain_task = _stage(pretrain, name="pretrain", task_run_name="pretrain")
+extract_task = _stage(extract, name="extract", task_run_name="extract/{target}")
 train_group_task = _stage(
     train_group, name="finetune", task_run_name="{data.name}/{group.strategy}/{group.budget.name}"
 )
-compare_task = _stage(compare, name="compare")
+compare_task = _stage(compare, name="compare", task_run_name="compare")
 
 
 def _compare_the_others(
@@ -94,7 +96,14 @@ def _compare_the_others(
     raise frame.TargetsFailed(f"{count} ({where}): {listed}")
 
 
-@flow(name="transfer-study")
+def _flow_run_name() -> str:
+    """What the run studied, as the Prefect UI lists it: the params file and any overrides."""
+    parameters = flow_run.parameters
+    sets = " ".join(f"--set {o}" for o in parameters.get("overrides") or [])
+    return f"{parameters.get('params_path', DEFAULT_PARAMS)} {sets}".strip()
+
+
+@flow(name="transfer-study", flow_run_name=_flow_run_name)
 def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
     """prepare -> pretrain -> (extract -> finetune groups in parallel) per target -> compare;
     each stage only if DVC finds it stale, and recorded in DVC after it runs."""
@@ -139,6 +148,8 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
         if failed:
             _compare_the_others(compare_, params, layout, run.recorder, failed)
         run.run("compare", compare_)
+        if "compare" in dvc.skipped:  # the parent still carries the answer, as it stands
+            record_headlines(run.recorder, recorded_headlines(layout.reports))
         verdicts = verdict_table(read_verdicts(layout.reports / "verdicts.csv"))
         ran, skipped = dvc.ran or ["none"], dvc.skipped or ["none"]
         run.recorder.log(tags={"stages.run": ",".join(ran), "stages.skipped": ",".join(skipped)})

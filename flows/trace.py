@@ -31,21 +31,28 @@ def locked_md5s(lock: Path) -> dict[str, str]:
     }
 
 
-def stage_of(tags: dict[str, str], parent_tags: dict[str, str]) -> str | None:
-    """The DVC stage that made a run: its own `stage` tag, or its parent's (grid cells)."""
-    stage = tags.get("stage") or parent_tags.get("stage")
-    target = tags.get("target") or parent_tags.get("target")
+def stage_of(lineage: list[dict[str, str]]) -> str | None:
+    """The DVC stage that made a run, from the tags of the run and its ancestors, nearest
+    first: the nearest `stage` tag (a grid run's is its stage run's, two levels up)."""
+    stage = next((tags["stage"] for tags in lineage if "stage" in tags), None)
+    target = next((tags["target"] for tags in lineage if "target" in tags), None)
     if stage in ("extract", "finetune") and target:
         return f"{stage}@{target}"
     return stage
+
+
+def ancestry(client: MlflowClient, tags: dict[str, str]) -> list[dict[str, str]]:
+    """The tags of a run (given) and of each of its ancestors, up to its execution's parent."""
+    lineage = [tags]
+    while parent := lineage[-1].get(PARENT_TAG):
+        lineage.append(client.get_run(parent).data.tags)
+    return lineage
 
 
 def trace(run_id: str, lock: Path = Path("dvc.lock")) -> str:
     client = MlflowClient(tracking_uri())
     run = client.get_run(run_id)
     tags = run.data.tags
-    parent = tags.get(PARENT_TAG)
-    parent_tags = client.get_run(parent).data.tags if parent else {}
     locked = locked_md5s(lock)
     commit = tags.get(COMMIT_TAG, "unknown")
     lines = [
@@ -76,7 +83,7 @@ def trace(run_id: str, lock: Path = Path("dvc.lock")) -> str:
         lines.append(
             "  params: " + ", ".join(f"{k}={v}" for k, v in sorted(run.data.params.items()))
         )
-    stage = stage_of(tags, parent_tags)
+    stage = stage_of(ancestry(client, tags))
     lines += [
         "to reproduce:",
         f"  git checkout {commit}",

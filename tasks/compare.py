@@ -25,8 +25,8 @@ from tasks.analysis.statistics import (
     area_under_curve,
     effective_data_multiplier,
     paired_difference,
+    points,
     relative_error_reduction,
-    snap,
     t_interval,
     verdict,
 )
@@ -34,7 +34,7 @@ from tasks.config.params import Params
 from tasks.data.datasets import load_meta, load_split, small_validation
 from tasks.data.subsets import resolve_budgets
 from tasks.frame import stage_command
-from tasks.recording.recorder import Recorder
+from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
 
@@ -79,7 +79,7 @@ def pair_with_scratch(results: pd.DataFrame) -> pd.DataFrame:
             f"{len(unpaired)} result rows have no scratch run to pair with, e.g. target "
             f"{first.target!r} budget {first.budget} seed {first.seed}"
         )
-    return paired.assign(gain=snap(paired.test_acc - paired.test_acc_scratch))
+    return paired
 
 
 def _cell(runs: pd.DataFrame) -> dict:
@@ -93,12 +93,12 @@ def _cell(runs: pd.DataFrame) -> dict:
         "n_seeds": runs.seed.nunique(),
         "test_acc_mean": accuracy.mean,
         "test_acc_std": runs.test_acc.std(),
-        "gain_vs_scratch": gain.mean,
+        "gain_pts": points(gain.mean),
         "test_acc_ci_low": accuracy.low,
         "test_acc_ci_high": accuracy.high,
-        "gain_std": gain.std,
-        "gain_ci_low": gain.low,
-        "gain_ci_high": gain.high,
+        "gain_pts_std": points(gain.std),
+        "gain_pts_ci_low": points(gain.low),
+        "gain_pts_ci_high": points(gain.high),
         "scratch_acc_mean": runs.test_acc_scratch.mean(),
         "relative_error_reduction": relative_error_reduction(
             accuracy.mean, runs.test_acc_scratch.mean()
@@ -138,26 +138,30 @@ def _multiplier_text(row: pd.Series) -> str:
 
 def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
     """One row per target x strategy: area under the learning curve (accuracy over log labels),
-    its gain over scratch's, and the data multiplier at the fewest and at all labels."""
+    its gain over scratch's, the data multiplier at the fewest and at all labels, and the
+    area under the validation curve (what strategies are chosen on)."""
     rows = []
     for (target, strategy), curve in table.groupby(["target", "strategy"], sort=False):
         curve = curve.sort_values("n_labels")
         scratch = table[(table.target == target) & (table.strategy == "scratch")]
         aulc = area_under_curve(curve.n_labels, curve.test_acc_mean)
+        val_aulc = area_under_curve(curve.n_labels, curve.val_acc_mean)  # for choosing
         transfer = strategy != "scratch"
         rows.append(
             {
                 "target": target,
                 "strategy": strategy,
                 "aulc": aulc,
-                "aulc_gain_vs_scratch": aulc
-                - area_under_curve(scratch.n_labels, scratch.test_acc_mean),
+                "aulc_gain_pts": points(
+                    aulc - area_under_curve(scratch.n_labels, scratch.test_acc_mean)
+                ),
                 "data_multiplier_at_fewest_labels": _multiplier_text(curve.iloc[0])
                 if transfer
                 else "",
                 "data_multiplier_at_most_labels": _multiplier_text(curve.iloc[-1])
                 if transfer
                 else "",
+                "val_aulc": val_aulc,
             }
         )
     return pd.DataFrame(rows)
@@ -171,9 +175,9 @@ VERDICT_COLUMNS = [
     "strategy",
     "test_acc_mean",
     "scratch_acc_mean",
-    "gain_vs_scratch",
-    "gain_ci_low",
-    "gain_ci_high",
+    "gain_pts",
+    "gain_pts_ci_low",
+    "gain_pts_ci_high",
     "verdict",
 ]
 
@@ -195,22 +199,65 @@ def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     return best[VERDICT_COLUMNS].reset_index(drop=True)
 
 
-def headline_metrics(summary: pd.DataFrame, table: pd.DataFrame) -> dict:
-    """For `dvc metrics show`: per target and strategy, the learning-curve area and the gain
-    over scratch at the fewest and at all labels."""
-    metrics: dict = {}
-    for row in summary.itertuples():
-        curve = table[(table.target == row.target) & (table.strategy == row.strategy)]
-        curve = curve.sort_values("n_labels")
-        numbers = {"aulc": round(row.aulc, 6)}
-        if row.strategy != "scratch":
-            numbers |= {
-                "aulc_gain": round(row.aulc_gain_vs_scratch, 6),
-                "gain_fewest_labels": round(curve.gain_vs_scratch.iloc[0], 6),
-                "gain_most_labels": round(curve.gain_vs_scratch.iloc[-1], 6),
-            }
-        metrics.setdefault(row.target, {})[row.strategy] = numbers
-    return metrics
+@dataclass(frozen=True)
+class Headline:
+    """One target's answer in a few numbers, for `dvc metrics show` and the MLflow parent run.
+    Every choice in it is made on validation: the strategy with the best validation AULC (ties
+    to the simpler), and at each end of the curve the verdict table's strategy."""
+
+    best_strategy: str
+    aulc_gain_pts: float  # the best strategy's
+    fewest: pd.Series  # the verdict row at the fewest labels
+    most: pd.Series  # ...and at the most
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "aulc_gain_pts": self.aulc_gain_pts,
+            "gain_pts_fewest_labels": self.fewest.gain_pts,
+            "gain_pts_most_labels": self.most.gain_pts,
+        }
+
+    def texts(self) -> dict[str, str]:
+        return {
+            "best_strategy": self.best_strategy,
+            "fewest_labels": f"{self.fewest.budget}: {self.fewest.verdict} "
+            f"({self.fewest.strategy}, {self.fewest.gain_pts:+.1f} points)",
+        }
+
+
+def headlines(summary: pd.DataFrame, verdicts: pd.DataFrame) -> dict[str, Headline]:
+    transfer = summary[summary.strategy != "scratch"].assign(
+        simplicity=lambda t: t.strategy.map(SIMPLICITY.index)
+    )
+    found = {}
+    for target, curves in transfer.groupby("target", sort=False):
+        best = curves.sort_values(["val_aulc", "simplicity"], ascending=[False, True]).iloc[0]
+        ends = verdicts[verdicts.target == target].sort_values("n_labels", kind="stable")
+        found[target] = Headline(best.strategy, best.aulc_gain_pts, ends.iloc[0], ends.iloc[-1])
+    return found
+
+
+def record_headlines(recorder: Recorder, found: dict[str, Headline]) -> None:
+    """The execution's answer on its parent record, so that executions compare at the level
+    where a user starts: `<target>/aulc_gain_pts` and the like, with the best strategy and the
+    verdict at the fewest labels as params."""
+    recorder.log(
+        params={f"{t}/{k}": v for t, h in found.items() for k, v in h.texts().items()},
+        metrics={f"{t}/{k}": v for t, h in found.items() for k, v in h.metrics().items()},
+    )
+
+
+def recorded_headlines(reports: Path) -> dict[str, Headline]:
+    """The headlines of the comparison on disk, for an execution that found it up to date."""
+    summary = pd.read_csv(
+        reports / "summary.csv", dtype={"target": str, "strategy": str}, keep_default_na=False
+    )
+    return headlines(summary, report.read_verdicts(reports / "verdicts.csv"))
+
+
+def headline_metrics(found: dict[str, Headline]) -> dict[str, dict[str, float]]:
+    """reports/metrics.json: three numbers per target, rounded as recorded."""
+    return {t: {k: round(v, 6) for k, v in h.metrics().items()} for t, h in found.items()}
 
 
 def compare(
@@ -243,7 +290,8 @@ def compare(
     }
     for name, text in written.items():
         files.write_text(reports / name, text)
-    files.write_json(reports / "metrics.json", headline_metrics(result.summary, table))
+    found = headlines(result.summary, result.verdicts)
+    files.write_json(reports / "metrics.json", headline_metrics(found))
     figures = []
     for target in targets:
         curves, gain, features_png = (
@@ -257,9 +305,12 @@ def compare(
         plots.feature_map(val, features, classes, target, features_png)
         figures += [curves, gain, features_png]
     files.prune(reports / "plots", keep={figure.name for figure in figures})
+    written["report.html"] = report.render_html(written["report.md"], reports)
+    files.write_text(reports / "report.html", written["report.html"])
     inputs = [layout.results(t) for t in targets]
-    with recorder.child("compare", tags={"stage": "compare"}, inputs=inputs) as stage:
+    with recorder.child("compare", tags=stage_tags("compare"), inputs=inputs) as stage:
         stage.log(metrics={"n_runs": len(results)}, tags={"failed_targets": ",".join(failed)})
+    record_headlines(recorder, found)
     for name in [*written, "metrics.json"]:
         recorder.log_artifact(reports / name)
     for figure in figures:

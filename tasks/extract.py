@@ -17,7 +17,7 @@ from tasks.models.classifier import (
     pretrained_classifier,
 )
 from tasks.models.shapes import transfer_note
-from tasks.recording.recorder import Recorder
+from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
 
@@ -39,7 +39,7 @@ def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> 
     backbone = model.backbone.to(device).eval()
     features = {}
     inputs = [prepared / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
-    tags = {"stage": "extract", "target": target}
+    tags = stage_tags("extract", target=target)
     with recorder.child(f"extract {target}", tags=tags, inputs=inputs) as stage:
         for split in SPLITS:
             data = load_split(prepared, split)

@@ -46,7 +46,8 @@ from tasks.models.classifier import (
     load_checkpoint,
     pretrained_classifier,
 )
-from tasks.recording.recorder import Recorder
+from tasks.recording.grid import GridRecords
+from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import contracts, files
 from tasks.workspace.layout import Layout
 
@@ -337,41 +338,21 @@ class TargetGrid:
             if any((strategy, budget.name, seed) not in self.progress.cells for seed in cfg.seeds)
         ]
         self.stage = Recorder()
-        self.records: dict[tuple[str, str, int], Recorder] = {}  # cell key -> its record
-        self.gains_recorded: set[tuple[str, str, int]] = set()
+        self.freeze_blocks = cfg.freeze_blocks
+        self.records = GridRecords(self.stage, self.inputs, cfg.freeze_blocks)
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped
         execution finished before (resumed from the progress file)."""
-        tags = {"stage": "finetune", "target": self.target}
+        tags = stage_tags("finetune", target=self.target)
         self.stage = parent.child(f"finetune {self.target}", tags=tags, inputs=self.inputs)
-        self._record(list(self.progress.cells.values()))
+        self.records = GridRecords(self.stage, self.inputs, self.freeze_blocks)
+        self.records.add(list(self.progress.cells.values()))
 
     def add(self, cells: list[Cell]) -> None:
         """A finished group: kept in the progress file (a rerun does not redo it) and recorded."""
         self.progress.add(cells)
-        self._record(cells)
-
-    def _record(self, cells: list[Cell]) -> None:
-        for cell in cells:
-            gain = self._gain(cell.key)
-            self.records[cell.key] = _record_cell(self.stage, cell, self.inputs, gain)
-            if gain is not None:
-                self.gains_recorded.add(cell.key)
-        # the gains of transfer cells recorded before the scratch run of their subset was in
-        for key in set(self.records) - self.gains_recorded:
-            gain = self._gain(key)
-            if gain is not None:
-                self.records[key].log(metrics={"gain_vs_scratch": gain})
-                self.gains_recorded.add(key)
-
-    def _gain(self, key: tuple[str, str, int]) -> float | None:
-        """A transfer cell's gain over scratch on the same subset, once both are in."""
-        strategy, budget, seed = key
-        scratch = self.progress.cells.get(("scratch", budget, seed))
-        if strategy == "scratch" or scratch is None:
-            return None
-        return self.progress.cells[key].row["test_acc"] - scratch.row["test_acc"]
+        self.records.add(cells)
 
     def finish(self) -> pd.DataFrame:
         """Write the results table (the grid must be done) and forget the progress file."""
@@ -498,50 +479,6 @@ def data_files(target: str, layout: Layout) -> list[Path]:
     """The files a target's grid reads: its splits, their features and the checkpoint."""
     inputs = [layout.prepared(target) / f"{s}.npz" for s in SPLITS]
     return inputs + [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
-
-
-def _record_cell(stage: Recorder, cell: Cell, inputs: list[Path], gain: float | None) -> Recorder:
-    """One finished run per grid cell (filter on target and budget to see transfer beside
-    scratch), timed as its training was. Its curves are the chosen learning rate's epochs, and
-    every learning rate's under `lr_<lr>/` (one chart per metric shows them side by side), with
-    the chosen one in the tag `chosen_lr`: in the same request, where runs of their own would
-    cost three requests each."""
-    row = cell.row
-    transfer = row["strategy"] != "scratch"
-    name = f"{row['target']}/{row['strategy']}/{row['budget']}/s{row['seed']}"
-    tags = {"target": row["target"], "strategy": row["strategy"]}
-    tags["kind"] = "transfer" if transfer else "scratch"
-    keys = ["target", "strategy", "budget", "seed", "n_labels", "per_class"]
-    chosen = [k for k in ("lr", "l2") if not pd.isna(row[k])]  # the hyperparameters it has
-    # best/: the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
-    metrics = {"best/val_acc": row["val_acc"], "best/val_loss": row["val_loss"]}
-    metrics["test/acc"] = row["test_acc"]
-    if gain is not None:
-        metrics["gain_vs_scratch"] = gain
-    history = [dict(epoch) for epoch in cell.history]
-    epoch_ends = list(cell.epoch_ends)
-    for curve in cell.curves:
-        prefix = f"lr_{curve['lr']:g}/"
-        metrics |= {f"{prefix}best/val_acc": curve["val_acc"]}
-        metrics |= {f"{prefix}best_epoch": curve["best_epoch"]}
-        history += [{} for _ in range(len(curve["history"]) - len(history))]
-        for epoch, values in enumerate(curve["history"]):
-            history[epoch] |= {prefix + key: value for key, value in values.items()}
-        # the learning rates of a seed train in one stack: their epochs end together
-        epoch_ends = max(epoch_ends, curve["epoch_ends"], key=len)
-    if cell.curves:
-        tags["chosen_lr"] = f"{row['lr']:g}"
-    return stage.finished(
-        name,
-        cell.started,
-        cell.ended,
-        tags=tags,
-        params={k: row[k] for k in keys + chosen},
-        metrics=metrics,
-        history=history,
-        epoch_ends=epoch_ends,
-        inputs=inputs,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

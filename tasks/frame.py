@@ -272,17 +272,37 @@ def execution(
     from tasks.recording import tracking  # seconds of import: only once the work is due
 
     layout = layout or Layout()
+    origin = params.origin
+    # what the execution ran, as its parent's name says: the params file and any overrides
+    label = "params in code"
+    if origin:
+        label = " ".join([Path(origin.path).name, *(f"--set {o}" for o in origin.overrides)])
     with workspace_lock(layout.root):
         if orchestrator == "stage":
-            parent = tracking.join_stage_parent(params.experiment)
+            parent = tracking.join_stage_parent(params.experiment, label)
         else:
             parent = tracking.start_pipeline_run(
-                params.experiment, orchestrator, execution_id, layout.root
+                params.experiment, orchestrator, execution_id, layout.root, label
             )
         with parent:
+            parent.log(params=execution_params(params))
             off = Versioning(layout.root, enabled=False)
             yield Execution(params, layout, parent, versioning or off)
     raise_if_tracking_failed(parent)
+
+
+def execution_params(params: Params) -> dict[str, str]:
+    """What the parent record says of its execution's inputs, to compare executions by: the
+    params file, its hash and overrides, and the data it studied."""
+    origin = params.origin
+    source = params.source
+    return {
+        "params_file": origin.path if origin else "(in code)",
+        "params_sha256": origin.sha256[:12] if origin else "",
+        "overrides": " ".join(origin.overrides) if origin else "",
+        "source": str(source.path or f"{source.kind} (built in)"),
+        "targets": ", ".join(params.targets),
+    }
 
 
 def raise_if_tracking_failed(recorder: Recorder) -> None:

@@ -8,7 +8,7 @@ from tasks.config.params import DatasetSpec, Params
 from tasks.data.datasets import class_counts, save_splits, small_validation
 from tasks.data.sources import BuiltDataset, build_splits, cuts_test, datasets
 from tasks.frame import stage_command
-from tasks.recording.recorder import Recorder
+from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
 from tasks.workspace.layout import Layout
 
@@ -23,7 +23,7 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     files.check_writable(root)
     sizes = {}
     user_files = [spec.path for spec, _ in named.values() if spec.path is not None]
-    with recorder.child("prepare", tags={"stage": "prepare"}, inputs=user_files) as stage:
+    with recorder.child("prepare", tags=stage_tags("prepare"), inputs=user_files) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {
             name: build_splits(spec, params.split, key, cut_test=cuts_test(name))

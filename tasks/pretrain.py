@@ -14,8 +14,8 @@ from tasks.learning import distributed
 from tasks.learning.train import DeviceData, Resume, Shard, evaluate, fit
 from tasks.models.classifier import Classifier, build_classifier, save_checkpoint
 from tasks.models.shapes import architecture, check_targets_fit
-from tasks.recording.lineage import input_tags
-from tasks.recording.recorder import Recorder
+from tasks.recording.lineage import MD5_TAG, input_tags, md5
+from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import contracts, files
 from tasks.workspace.layout import Layout
 
@@ -63,7 +63,7 @@ def _pretrain(
 
     shipped_test = meta["test_source"] == "shipped"  # the source's own test split, if any
     inputs = [source / f"{split}.npz" for split in ("train", "val", "test")[: 2 + shipped_test]]
-    with recorder.child("pretrain", tags={"stage": "pretrain"}, inputs=inputs) as stage:
+    with recorder.child("pretrain", tags=stage_tags("pretrain"), inputs=inputs) as stage:
         stage.log(
             params={**cfg.model_dump(), **arch, "device": device.type, "n_train": len(train)}
         )
@@ -129,18 +129,32 @@ def _write(
     written = input_tags(layout.root, [layout.checkpoint])
     scores = {f"best/{key}": summary[key] for key in ("val_acc", "test_acc") if key in summary}
     stage.log(metrics=scores, tags=written)
+    data = input_tags(layout.root, inputs)
     version = stage.register_model(
         model.cpu(),
         load_split(layout.prepared("source"), "val").x[:2],
         params.registered_model,
-        tags={
-            **input_tags(layout.root, inputs),
-            **written,
-            "val_acc": f"{summary['val_acc']:.6f}",
-        },
+        tags={**data, **written, "val_acc": f"{summary['val_acc']:.6f}"},
+        content=md5(layout.checkpoint),  # an unchanged checkpoint keeps its version
+        description=_describe(params, meta, summary, data),
     )
     if version is not None:
         log.info("registered %s version %s", params.registered_model, version)
+
+
+def _describe(params: Params, meta: dict, summary: dict[str, float], data: dict[str, str]) -> str:
+    """A registered version's description: what it learnt from, how well, on which files."""
+    spec = meta["spec"]  # the source's spec as prepared (not params: pretrain does not read it)
+    scores = ", ".join(
+        f"{key.replace('_', ' ')} {summary[key]:.4f}"
+        for key in ("val_acc", "test_acc")
+        if key in summary
+    )
+    files_read = "; ".join(f"{k.removeprefix(MD5_TAG)} md5 {v}" for k, v in data.items())
+    return (
+        f"{params.model.backbone} backbone pretrained on {spec.get('path') or spec['kind']} "
+        f"(classes {', '.join(map(str, meta['classes']))}): {scores}. Data: {files_read}."
+    )
 
 
 def _fmt(metrics: dict[str, float]) -> str:

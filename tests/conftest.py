@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from tasks.config.params import Params, load_params
 from tests.helpers import TINY, make_workspace, run_command
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """Each phase's report on the test item (`rep_call`...), for fixtures that act on failure
+    (tests/test_ui.py takes a screenshot)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +34,22 @@ def _isolated_run_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """One workspace run by the Prefect flow, one by `dvc repro`; each has its MLflow store."""
-    root = tmp_path_factory.mktemp("pipeline")
+def runs(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path]:
+    """One workspace run by the Prefect flow, one by `dvc repro`; each has its MLflow store.
+    Tests only read them (or copy them first). Under pytest-xdist the first worker to need
+    them runs them, and the other waits and reads the same (the runs take a minute)."""
+    if worker_id == "master":  # no xdist
+        return _run_both_ways(tmp_path_factory.mktemp("pipeline"))
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker of this session
+    with FileLock(shared / "runs.lock"):
+        record = shared / "runs.json"
+        if not record.exists():
+            done = _run_both_ways(shared / "pipeline")
+            record.write_text(json.dumps({name: str(path) for name, path in done.items()}))
+        return {name: Path(path) for name, path in json.loads(record.read_text()).items()}
+
+
+def _run_both_ways(root: Path) -> dict[str, Path]:
     done = {}
     for name, command in [
         ("prefect", ["-m", "flows.pipeline", "--params", "params.yaml"]),

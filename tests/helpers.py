@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "params.tiny.yaml"
@@ -18,16 +23,18 @@ WORKSPACE_FILES = [
     "flows",
     "dvc.yaml",
     ".dvc/config",
+    ".dvc/plots",
     ".dvcignore",
     ".gitignore",
     "data/raw/.gitkeep",
 ]
 
 
-def make_workspace(path: Path, params_file: Path = TINY) -> Path:
-    """A fresh git + DVC workspace holding the pipeline's code and `params_file` as params.yaml."""
+def make_workspace(path: Path, params_file: Path = TINY, extra: tuple[str, ...] = ()) -> Path:
+    """A fresh git + DVC workspace holding the pipeline's code and `params_file` as params.yaml
+    (and the repository's `extra` files: "dvc.lock" makes it a fresh clone's)."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in WORKSPACE_FILES:
+    for name in [*WORKSPACE_FILES, *extra]:
         source, dest = REPO / name, path / name
         dest.parent.mkdir(parents=True, exist_ok=True)
         if source.is_dir():
@@ -71,12 +78,13 @@ def digest(root: Path) -> dict[str, str]:
 
 
 def results_digest(root: Path) -> dict[str, str]:
-    """`digest`, where two executions must agree: the same, but the report's line naming its
+    """`digest`, where two executions must agree: the same, but the reports' line naming their
     execution (an MLflow run id, different in every execution) is left out."""
     found = digest(root)
-    report = (root / "reports/report.md").read_text().splitlines()
-    kept = "\n".join(line for line in report if not line.startswith("Execution: MLflow run"))
-    found["reports/report.md"] = hashlib.md5(kept.encode()).hexdigest()
+    for name, line_start in [("report.md", "Execution: "), ("report.html", "<p>Execution: ")]:
+        report = (root / "reports" / name).read_text().splitlines()
+        kept = "\n".join(line for line in report if not line.startswith(line_start))
+        found[f"reports/{name}"] = hashlib.md5(kept.encode()).hexdigest()
     return found
 
 
@@ -85,3 +93,45 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def log_tail(path: Path, size: int = 4000) -> str:
+    text = path.read_text(errors="replace") if path.exists() else "(no log)"
+    return f"--- {path.name} (last {size} characters) ---\n{text[-size:]}"
+
+
+def poll(
+    ready: Callable[[], Any], process: subprocess.Popen, timeout: float, what: str, log: Path
+) -> None:
+    """Wait until `ready()` answers truthily; fail at once, with the log, if `process` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with {process.returncode}\n{log_tail(log)}")
+        with contextlib.suppress(Exception):
+            if ready():
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not ready after {timeout:.0f} s\n{log_tail(log)}")
+
+
+def stop(process: subprocess.Popen, signum: int) -> None:
+    """Stop a server started in its own session, with its workers; kill it if it lingers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def registered_backbone(client: Any, name: str) -> tuple[Any, Any, set[str]]:
+    """The version of `name` that the alias `current` points at, the logged model it registers
+    (MLflow 3: the experiment's Models tab lists it) and that model's files."""
+    version = client.get_model_version_by_alias(name, "current")
+    assert version.source.startswith("models:/"), version.source
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
+    return version, model, files

@@ -421,7 +421,9 @@ def test_stopped_pretraining_resumes_to_the_same_weights(
             "interrupted: finished outputs and the last complete epoch are kept" in process.stderr
         )
         killed = latest_runs(2)
-        assert {r.info.run_name.split(" ")[0] for r in killed} == {"pretrain", "pipeline"}
+        parents = [r for r in killed if "mlflow.parentRunId" not in r.data.tags]
+        assert [r.info.run_name for r in killed if r not in parents] == ["pretrain"]
+        assert len(parents) == 1 and parents[0].info.run_name.endswith(" cli")
         assert {r.info.status for r in killed} == {"KILLED"}
 
     resumed = run_command(command, cwd=workspace)

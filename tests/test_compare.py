@@ -10,6 +10,7 @@ import pytest
 from tasks.analysis.statistics import HELPS, NO_DIFFERENCE, NO_VARIATION
 from tasks.compare import (
     headline_metrics,
+    headlines,
     pick_verdicts,
     read_results,
     summarise,
@@ -50,10 +51,10 @@ def test_means_intervals_and_paired_gain() -> None:
     assert probe.test_acc_std == pytest.approx(0.05)  # sample std of 0.70, 0.65, 0.75
     half = 4.302653 * 0.05 / math.sqrt(3)  # t(0.975, df 2) * s / sqrt(n)
     assert probe.test_acc_ci_low == pytest.approx(0.70 - half, rel=1e-5)
-    # paired gains 0.20, 0.05, 0.35: mean 0.20, std 0.15
-    assert probe.gain_vs_scratch == pytest.approx(0.20)
-    assert probe.gain_std == pytest.approx(0.15)
-    assert probe.gain_ci_high == pytest.approx(0.20 + 4.302653 * 0.15 / math.sqrt(3), rel=1e-5)
+    # paired gains 0.20, 0.05, 0.35: mean 20 points, std 15 (gains are in points)
+    assert probe.gain_pts == pytest.approx(20)
+    assert probe.gain_pts_std == pytest.approx(15)
+    assert probe.gain_pts_ci_high == pytest.approx(20 + 4.302653 * 15 / math.sqrt(3), rel=1e-5)
     assert probe.relative_error_reduction == pytest.approx((0.5 - 0.3) / 0.5)
     assert probe.verdict == NO_DIFFERENCE  # 3 seeds: the interval reaches below zero
     # +0.4, +0.3, +0.5: above zero on every seed
@@ -86,7 +87,7 @@ def test_required_columns_come_first() -> None:
         "n_seeds",
         "test_acc_mean",
         "test_acc_std",
-        "gain_vs_scratch",
+        "gain_pts",
     ]
     assert list(summarise(results()).columns[: len(required)]) == required
 
@@ -116,12 +117,24 @@ def test_curve_summary_and_headline_metrics() -> None:
     summary = summarise_curves(table).set_index(["target", "strategy"])
     # scratch: 0.5 -> 0.9 over one decade: AULC 0.7; finetune: flat 0.9
     assert summary.loc[("t", "scratch"), "aulc"] == pytest.approx(0.7)
-    assert summary.loc[("t", "finetune"), "aulc_gain_vs_scratch"] == pytest.approx(0.2)
+    assert summary.loc[("t", "finetune"), "aulc_gain_pts"] == pytest.approx(20)
     assert summary.loc[("t", "finetune"), "data_multiplier_at_fewest_labels"] == "10x"
     assert summary.loc[("t", "finetune"), "data_multiplier_at_most_labels"] == "1x"  # equal
-    metrics = headline_metrics(summarise_curves(table), table)
-    assert metrics["t"]["finetune"]["gain_fewest_labels"] == pytest.approx(0.4)
-    assert metrics["t"]["scratch"] == {"aulc": pytest.approx(0.7)}
+    found = headlines(summarise_curves(table), pick_verdicts(table))["t"]
+    # finetune has the better test AULC (0.9 flat against the probe's 0.70 -> 0.81), but the
+    # probe the better validation AULC (0.75 against 0.5): the choice is made on validation
+    assert found.best_strategy == "linear_probe"
+    assert found.aulc_gain_pts == pytest.approx((0.755 - 0.7) * 100)
+    metrics = headline_metrics({"t": found})["t"]
+    assert metrics == {
+        "aulc_gain_pts": pytest.approx(5.5),
+        "gain_pts_fewest_labels": pytest.approx(20),  # the probe at 10 labels, chosen on val
+        "gain_pts_most_labels": pytest.approx(0),  # finetune at 100 labels
+    }
+    assert (
+        found.texts()["fewest_labels"]
+        == "10%: no significant difference (linear_probe, +20.0 points)"
+    )
 
 
 def test_a_transfer_row_without_its_scratch_partner_is_an_error() -> None:
@@ -157,7 +170,7 @@ def test_the_data_multiplier_agrees_with_the_gain_on_a_non_monotone_scratch_curv
     probe = table[table.strategy == "linear_probe"].set_index("budget")
     # at "c" the probe beats scratch by 5 points, though scratch scored more at "b": the
     # multiplier must say scratch needs more labels than the probe, never fewer
-    assert probe.loc["c", "gain_vs_scratch"] == pytest.approx(0.05)
+    assert probe.loc["c", "gain_pts"] == pytest.approx(5)
     assert (
         probe.loc["c", "data_multiplier"] > 1 or probe.loc["c", "data_multiplier_censored"] == ">"
     )

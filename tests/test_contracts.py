@@ -72,12 +72,12 @@ def test_outputs_are_the_layout_paths() -> None:
     assert body("extract")["outs"] == [rel(layout.features(KEY))]
     assert body("finetune")["outs"] == [rel(layout.results(KEY))]
     reports = rel(layout.reports)
+    written = ("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "report.md")
     assert body("compare")["outs"] == [
-        f"{reports}/{name}"
-        for name in ("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "report.md")
+        *(f"{reports}/{name}" for name in (*written, "report.html")),
+        f"{reports}/plots",
     ]
     assert body("compare")["metrics"] == [f"{reports}/metrics.json"]
-    assert body("compare")["plots"] == [f"{reports}/plots"]
 
 
 def test_inputs_are_the_upstream_outputs() -> None:

@@ -69,9 +69,9 @@ def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path
     client = MlflowClient(store)
     experiment = client.get_experiment_by_name(params.experiment).experiment_id
     runs = client.search_runs([experiment])
-    assert sorted(r.info.run_name.split(" ")[0] for r in runs) == ["pipeline", "pretrain"]
-    parent = next(r for r in runs if r.info.run_name.startswith("pipeline"))
-    stage = next(r for r in runs if r.info.run_name == "pretrain")
+    (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
+    (stage,) = [r for r in runs if r is not parent]
+    assert stage.info.run_name == "pretrain"
     assert stage.data.tags[PARENT_TAG] == parent.info.run_id
     assert {parent.info.status, stage.info.status} == {"FINISHED"}
     assert stage.data.params["processes"] == "2"

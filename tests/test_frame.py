@@ -112,7 +112,7 @@ def test_cells_are_recorded_while_the_stage_runs_with_their_training_time(
         for lr in ("0.001", "0.003"):
             tried = client.get_metric_history(cell.info.run_id, f"lr_{lr}/val/acc")
             assert tried and all(start <= m.timestamp <= end for m in tried)
-        assert float(cell.data.tags["chosen_lr"]) == float(cell.data.params["lr"])
+        assert float(cell.data.tags["chosen_lr"]) == float(cell.data.params["tuned.lr"])
         chosen = client.get_metric_history(
             cell.info.run_id, f"lr_{cell.data.tags['chosen_lr']}/val/acc"
         )

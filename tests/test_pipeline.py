@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections import Counter
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from tasks.config.params import load_params
-from tests.helpers import digest, results_digest, run_command
+from tests.helpers import (
+    digest,
+    make_workspace,
+    registered_backbone,
+    results_digest,
+    run_command,
+)
 
 pytestmark = pytest.mark.slow
+PARENT = "mlflow.parentRunId"
 OUTPUTS = [
     "data/checkpoints/backbone.pt",
     "data/results/new_classes.csv",
@@ -41,14 +51,12 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(params.experiment)
     all_runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    parents = [r for r in all_runs if PARENT not in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
     assert parent.data.tags["orchestrator"] == orchestrator
     children = {
-        r.info.run_name: r
-        for r in all_runs
-        if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        r.info.run_name: r for r in all_runs if r.data.tags.get(PARENT) == parent.info.run_id
     }
     targets = list(params.targets)
     assert set(children) == {
@@ -58,27 +66,52 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
         *(f"extract {t}" for t in targets),
         *(f"finetune {t}" for t in targets),
     }
+    assert parent.data.tags["level"] == "execution"
+    assert {r.data.tags["level"] for r in children.values()} == {"stage"}
     cfg = params.finetune
-    grid = len(cfg.strategies) * (len(cfg.fractions) + len(cfg.shots)) * len(cfg.seeds)
+    budgets = len(cfg.fractions) + len(cfg.shots)
+    comparison = pd.read_csv(workspace / "reports/comparison.csv", keep_default_na=False)
     for target in targets:
         stage_id = children[f"finetune {target}"].info.run_id
-        runs_below = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == stage_id]
-        assert len(runs_below) == grid
-        for run in runs_below:
-            transfer = run.data.tags["strategy"] != "scratch"
-            assert run.data.tags["kind"] == ("transfer" if transfer else "scratch")
-            assert run.data.tags["target"] == target
-            assert {"target", "strategy", "budget", "seed", "n_labels"} <= run.data.params.keys()
-            assert ("lr" in run.data.params) == (run.data.tags["strategy"] != "linear_probe")
-            assert "test/acc" in run.data.metrics
-            assert ("gain_vs_scratch" in run.data.metrics) == transfer
+        # a run per strategy x budget, carrying the comparison's numbers, seeds beneath it
+        below = {r.info.run_name: r for r in all_runs if r.data.tags.get(PARENT) == stage_id}
+        assert len(below) == len(cfg.strategies) * budgets
+        for row in comparison[comparison.target == target].itertuples():
+            run = below[f"{target}/{row.strategy}/{row.budget}"]
+            assert run.data.tags["level"] == "budget"
+            assert run.data.metrics["test/acc_mean"] == pytest.approx(row.test_acc_mean, rel=1e-6)
+            assert run.data.metrics["gain_pts"] == pytest.approx(row.gain_pts, abs=1e-4)
+            assert run.data.tags["verdict"] == row.verdict
+            seeds = [r for r in all_runs if r.data.tags.get(PARENT) == run.info.run_id]
+            assert sorted(int(r.data.params["seed"]) for r in seeds) == cfg.seeds
+            for seed_run in seeds:
+                transfer = seed_run.data.tags["strategy"] != "scratch"
+                assert seed_run.data.tags["kind"] == ("transfer" if transfer else "scratch")
+                assert seed_run.data.tags["level"] == "seed"
+                assert {"target", "strategy", "budget", "seed", "init", "trains"} <= (
+                    seed_run.data.params.keys()
+                )
+                # a strategy has no param it does not use: the probe has no learning rate
+                tuned = {k for k in seed_run.data.params if k.startswith("tuned.")}
+                assert ("tuned.lr" in tuned) == (row.strategy != "linear_probe")
+                assert ("tuned.l2" in tuned) == (row.strategy in ("linear_probe", "lp_ft"))
+                assert "test/acc" in seed_run.data.metrics
+                assert seed_run.data.metrics["gain_pts"] == 0 or transfer  # scratch's: 0
     assert {r.info.status for r in all_runs} == {"FINISHED"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "comparison.csv", "summary.csv", "verdicts.csv", "plots"} <= artifacts
 
 
-def test_second_dvc_repro_runs_nothing(runs) -> None:
-    workspace = runs["dvc"]
+def own_copy(runs: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    """A private copy of a finished workspace, for a test that runs commands in it: the
+    originals are shared (by the other test files, on another xdist worker) and stay as run."""
+    workspace = tmp_path / name
+    shutil.copytree(runs[name], workspace, symlinks=True)
+    return workspace
+
+
+def test_second_dvc_repro_runs_nothing(runs, tmp_path) -> None:
+    workspace = own_copy(runs, "dvc", tmp_path)
     before = digest(workspace)
     lock = (workspace / "dvc.lock").read_text()
     result = run_command(["python", "-m", "dvc", "repro"], cwd=workspace)
@@ -91,8 +124,8 @@ def test_second_dvc_repro_runs_nothing(runs) -> None:
 @pytest.mark.parametrize(
     "command", [["-m", "flows.pipeline"], ["-m", "tasks.finetune", "--target", "shifted"]]
 )
-def test_unknown_key_is_refused_and_outputs_are_untouched(runs, command) -> None:
-    workspace = runs["dvc"]
+def test_unknown_key_is_refused_and_outputs_are_untouched(runs, command, tmp_path) -> None:
+    workspace = own_copy(runs, "dvc", tmp_path)
     before = digest(workspace)
     params = workspace / "params.yaml"
     original = params.read_text()
@@ -159,9 +192,10 @@ def test_backbone_is_registered_with_alias_and_lineage(runs, orchestrator) -> No
     workspace = runs[orchestrator]
     params = load_params(workspace / "params.yaml")
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    latest = client.get_model_version_by_alias(params.registered_model, "current")
+    latest, model, files = registered_backbone(client, params.registered_model)
     pretrain = client.get_run(latest.run_id)
-    assert pretrain.info.run_name == "pretrain"
+    assert pretrain.info.run_name == "pretrain" and model.source_run_id == latest.run_id
+    assert "MLmodel" in files
     source_md5 = hashlib.md5(
         (workspace / "data/prepared/source/train.npz").read_bytes()
     ).hexdigest()
@@ -169,8 +203,29 @@ def test_backbone_is_registered_with_alias_and_lineage(runs, orchestrator) -> No
     assert float(latest.tags["val_acc"]) == pytest.approx(
         pretrain.data.metrics["best/val_acc"], abs=1e-6
     )
-    artifacts = {a.path for a in client.list_artifacts(latest.run_id, "model")}
-    assert "model/MLmodel" in artifacts
+    # the description says what it learnt from, how well, and on which files
+    assert f"val acc {float(latest.tags['val_acc']):.4f}" in latest.description
+    assert source_md5 in latest.description
+
+
+def test_an_unchanged_backbone_keeps_its_registered_version(runs, tmp_path) -> None:
+    """Pretraining again on the same data and params writes the same checkpoint: it is logged
+    as the new run's model, but registered under the version that has its content already."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(runs["prefect"], workspace, symlinks=True)
+    store = f"sqlite:///{workspace / 'mlflow.db'}"
+    again = run_command(
+        ["python", "-m", "tasks.pretrain"], cwd=workspace, env={"MLFLOW_TRACKING_URI": store}
+    )
+    assert again.returncode == 0, again.stderr
+    params = load_params(workspace / "params.yaml")
+    client = MlflowClient(store)
+    versions = client.search_model_versions(f"name = '{params.registered_model}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    experiment = client.get_experiment_by_name(params.experiment).experiment_id
+    models = client.search_logged_models([experiment])
+    assert len(models) == 2  # one per pretraining run, both in the Models tab
+    assert len({m.tags["content_md5"] for m in models}) == 1
 
 
 def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:
@@ -193,3 +248,36 @@ def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:
     assert after["data/results/shifted.csv"] != before["data/results/shifted.csv"]
     status = run_command(["python", "-m", "dvc", "status"], cwd=workspace)
     assert "Data and pipelines are up to date." in status.stdout
+
+
+def test_dask_local_cluster_gives_the_thread_runners_results(runs, tmp_path: Path) -> None:
+    """The tiny study on a LocalCluster of 2 worker processes: every file equals the default
+    runner's, every grid cell is recorded once, and DVC still versions the run (flow.* flags
+    change where work runs, not what it computes)."""
+    workspace = make_workspace(tmp_path / "dask")
+    result = run_command(
+        ["python", "-m", "flows.pipeline", "--task-runner", "dask", "--workers", "2"],
+        cwd=workspace,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"},
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "Creating a new Dask" in log and log.count("Register worker") == 2  # 2 processes
+    assert log.count("Starting temporary server") == 1  # workers report to the flow's API
+    assert results_digest(workspace) == results_digest(runs["prefect"])
+
+    params = load_params(workspace / "params.yaml")
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params.experiment)
+    cells = Counter(
+        r.info.run_name
+        for r in client.search_runs([experiment.experiment_id], max_results=1000)
+        if r.data.tags.get("level") == "seed"
+    )
+    cfg = params.finetune
+    budgets = len(cfg.fractions) + len(cfg.shots)
+    grid = len(params.targets) * len(cfg.strategies) * budgets * len(cfg.seeds)
+    assert len(cells) == grid and set(cells.values()) == {1}
+
+    status = run_command(["python", "-m", "dvc", "status"], cwd=workspace)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

@@ -90,7 +90,7 @@ def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -
     table = pd.read_csv(done.reports / "comparison.csv")
     budgets = len(cfg.fractions) + len(cfg.shots)
     assert len(table) == len(targets) * len(cfg.strategies) * budgets
-    assert table[table.strategy != "scratch"].gain_ci_low.notna().all()  # 2 seeds: an interval
+    assert table[table.strategy != "scratch"].gain_pts_ci_low.notna().all()  # 2 seeds: an interval
     summary = pd.read_csv(done.reports / "summary.csv")
     assert len(summary) == len(targets) * len(cfg.strategies)
     verdicts = pd.read_csv(done.reports / "verdicts.csv")
@@ -111,12 +111,18 @@ def test_compare_writes_tables_report_plots_metrics(done: Layout, tiny_params) -
         assert f"- `{key}`: built-in `mnist1d` generator" in report
     metrics = json.loads((done.reports / "metrics.json").read_text())
     assert set(metrics) == set(targets)
-    assert set(metrics["new_classes"]["lp_ft"]) == {
-        "aulc",
-        "aulc_gain",
-        "gain_fewest_labels",
-        "gain_most_labels",
-    }
+    for target in targets:  # a few headline numbers per target, for `dvc metrics show`
+        assert set(metrics[target]) == {
+            "aulc_gain_pts",
+            "gain_pts_fewest_labels",
+            "gain_pts_most_labels",
+        }
+    assert RECORDED.metrics.keys() == {f"{t}/{k}" for t in targets for k in metrics[t]}
+    assert RECORDED.params["new_classes/best_strategy"] in tiny_params.finetune.strategies
+    # report.html: the same report, its figures inlined, readable without the plots folder
+    page = (done.reports / "report.html").read_text()
+    assert page.count('<img alt="learning curves" src="data:image/png;base64,') == len(targets)
+    assert "plots/" not in page and "<table>" in page
 
 
 def test_each_stage_records_under_the_recorder_it_is_given(done: Layout, tiny_params) -> None:
@@ -148,15 +154,13 @@ def test_every_cell_is_recorded_with_its_training_time_and_every_lr(
             & (results.seed == cell.params["seed"])
         ].iloc[0]
         assert cell.metrics["test/acc"] == row.test_acc
-        if cell.params["strategy"] != "scratch":
-            scratch = results[
-                (results.strategy == "scratch")
-                & (results.budget == row.budget)
-                & (results.seed == row.seed)
-            ].iloc[0]
-            assert cell.metrics["gain_vs_scratch"] == pytest.approx(
-                row.test_acc - scratch.test_acc
-            )
+        scratch = results[
+            (results.strategy == "scratch")
+            & (results.budget == row.budget)
+            & (results.seed == row.seed)
+        ].iloc[0]
+        # in points, on every strategy's run (scratch's is 0), as the compare view plots it
+        assert cell.metrics["gain_pts"] == pytest.approx(100 * (row.test_acc - scratch.test_acc))
         if cell.params["strategy"] == "linear_probe":
             assert "chosen_lr" not in cell.tags and not curve(cell)  # the probe trains no epochs
             continue

@@ -58,7 +58,7 @@ def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
     """Paired gain over scratch in points, transfer strategy x label budget (fewest labels
     first); ▲/▼ where the 95% interval excludes zero."""
     rows = table[(table.target == target) & (table.strategy != "scratch")]
-    gains = rows.pivot(index="strategy", columns="budget", values="gain_vs_scratch") * 100
+    gains = rows.pivot(index="strategy", columns="budget", values="gain_pts")
     verdicts = rows.pivot(index="strategy", columns="budget", values="verdict")
     order = list(dict.fromkeys(rows.strategy))
     budgets = list(dict.fromkeys(rows.sort_values("n_labels", kind="stable").budget))

@@ -1,7 +1,12 @@
-"""reports/report.md: the study's answer, readable on its own (tables, figures, method)."""
+"""reports/report.md: the study's answer, readable on its own (tables, figures, method); and
+report.html, the same page with its figures inlined, which opens anywhere (MLflow's artifact
+viewer included) without the plots folder beside it."""
 
 from __future__ import annotations
 
+import base64
+import html
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +57,7 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
 
 
 def _points(value: float) -> str:
-    return f"{value * 100:+.1f}"
+    return f"{value:+.1f}"
 
 
 def _interval(low: float, high: float) -> str:
@@ -67,7 +72,7 @@ def read_verdicts(path: Path) -> pd.DataFrame:
         path,
         dtype={"target": str, "strategy": str, "verdict": str},
         keep_default_na=False,
-        na_values={"gain_ci_low": [""], "gain_ci_high": [""]},
+        na_values={"gain_pts_ci_low": [""], "gain_pts_ci_high": [""]},
     )
 
 
@@ -83,10 +88,10 @@ def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:
             "best transfer (on val)": verdicts.strategy,
             "test acc": verdicts.test_acc_mean.map("{:.3f}".format),
             "scratch": verdicts.scratch_acc_mean.map("{:.3f}".format),
-            "gain, points": verdicts.gain_vs_scratch.map(_points),
+            "gain, points": verdicts.gain_pts.map(_points),
             f"{CONFIDENCE:.0%} CI": [
                 _interval(lo, hi)
-                for lo, hi in zip(verdicts.gain_ci_low, verdicts.gain_ci_high, strict=True)
+                for lo, hi in zip(verdicts.gain_pts_ci_low, verdicts.gain_pts_ci_high, strict=True)
             ],
             "verdict": verdicts.verdict,
         }
@@ -99,7 +104,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             "target": summary.target,
             "strategy": summary.strategy,
             "AULC": summary.aulc.map("{:.3f}".format),
-            "AULC gain, points": summary.aulc_gain_vs_scratch.map(_points),
+            "AULC gain, points": summary.aulc_gain_pts.map(_points),
             "data multiplier, fewest labels": summary.data_multiplier_at_fewest_labels,
             "data multiplier, most labels": summary.data_multiplier_at_most_labels,
         }
@@ -219,3 +224,35 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; padding: 0 1em;
+       line-height: 1.45; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+blockquote { border-left: 4px solid #e0b000; margin: 1em 0; padding: 0.2em 1em;
+             background: #fffbea; }
+img { max-width: 100%; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+"""
+
+
+def render_html(markdown_text: str, folder: Path) -> str:
+    """report.md as one self-contained HTML page: its figures (paths relative to `folder`)
+    inlined as data URIs."""
+    import markdown  # here only: the stages that do not write reports never need it
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+
+    def inline(match: re.Match) -> str:
+        data = base64.b64encode((folder / html.unescape(match[1])).read_bytes()).decode()
+        return f'src="data:image/png;base64,{data}"'
+
+    body = re.sub(r'src="([^"]+\.png)"', inline, body)
+    title = "Does pretraining on the source help the targets?"
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{title}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )

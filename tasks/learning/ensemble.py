@@ -127,12 +127,15 @@ class _Stack:
             if not self.active:
                 break
             train_loss = self._train_epoch()  # (A,)
-            val_loss, val_acc = self._evaluate(val, max(cfg.batch_size, 1024))  # (A,), (A,)
+            val_loss, val_correct = self._evaluate(val, max(cfg.batch_size, 1024))  # (A,), (A,)
             # the one host sync of the epoch: every member's three numbers at once
-            rows = torch.stack([train_loss, val_loss, val_acc], 1).tolist()
+            rows = torch.stack([train_loss, val_loss, val_correct], 1).tolist()
             ended = time.time()
             slots, improved = [], []  # stack positions and member indices of the improved
-            for slot, (i, (loss, v_loss, v_acc)) in enumerate(zip(self.active, rows, strict=True)):
+            for slot, (i, (loss, v_loss, v_correct)) in enumerate(
+                zip(self.active, rows, strict=True)
+            ):
+                v_acc = v_correct / len(val)  # an exact count / N in float64
                 self.history[i].append({"train/loss": loss, "val/loss": v_loss, "val/acc": v_acc})
                 self.epoch_ends[i].append(ended)
                 if (v_acc, -v_loss) > self.best_score[i]:
@@ -200,7 +203,8 @@ class _Stack:
 
     @torch.no_grad()
     def _evaluate(self, data: DeviceData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every active member's mean cross-entropy and accuracy on `data`: (A,), (A,)."""
+        """Every active member's mean cross-entropy and count of correct predictions on `data`:
+        (A,), (A,)."""
         loss_sum = torch.zeros(len(self.active), device=self.device)
         correct = torch.zeros(len(self.active), device=self.device)
         for start in range(0, len(data), batch_size):
@@ -210,7 +214,7 @@ class _Stack:
                 logits.transpose(1, 2), y.expand(len(self.active), -1), reduction="none"
             ).sum(1)
             correct += (logits.argmax(2) == y).sum(1)
-        return loss_sum / len(data), correct / len(data)
+        return loss_sum / len(data), correct
 
     def _result(self, i: int) -> tuple[FitResult, nn.Module]:
         model = copy.deepcopy(self.members[i].model).to(self.device)

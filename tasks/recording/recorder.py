@@ -15,6 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+LEVEL = "level"  # the tag on every record: execution, stage, budget or seed (a filter in the UI)
+
+
+def stage_tags(stage: str, **more: str) -> dict[str, str]:
+    """The tags of a stage's record."""
+    return {"stage": stage, LEVEL: "stage", **more}
+
 
 class Recorder:
     """Records nothing: the stages' work without tracking (and the interface's definition)."""
@@ -56,9 +63,16 @@ class Recorder:
         """A file, kept beside the record (under `folder`)."""
 
     def register_model(
-        self, model: Any, example: Any, name: str, tags: dict[str, str]
+        self,
+        model: Any,
+        example: Any,
+        name: str,
+        tags: dict[str, str],
+        content: str,
+        description: str = "",
     ) -> str | None:
-        """Register `model` (inputs like `example`) as a new version of `name`; its version."""
+        """Log `model` (inputs like `example`) and register it as a version of `name`, a new
+        one only when no version has the same `content` hash; the version."""
         return None
 
     def identity(self) -> str | None:
@@ -142,7 +156,13 @@ class MemoryRecorder(Recorder):
         self.artifacts.append((path, folder))
 
     def register_model(
-        self, model: Any, example: Any, name: str, tags: dict[str, str]
+        self,
+        model: Any,
+        example: Any,
+        name: str,
+        tags: dict[str, str],
+        content: str,
+        description: str = "",
     ) -> str | None:
         self.models.append(name)
         return str(len(self.models))

@@ -3,6 +3,7 @@ the tracking library (seconds of import that a refused command should not pay)."
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
 import urllib.request
@@ -25,10 +26,12 @@ def tracking_uri() -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """Fail in seconds, naming the URI, if the tracking store cannot be reached."""
+    """Fail in seconds, naming the URI, if the tracking store cannot be reached, or refuses
+    this client (a server with authentication and no or wrong credentials)."""
     if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
         try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as answer:
+            with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
                 answer.read()
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -36,7 +39,37 @@ def check_tracking(uri: str) -> None:
                 f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
                 "MLFLOW_TRACKING_URI to record in sqlite:///mlflow.db"
             ) from err
+        _check_access(base)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise TrackingError(f"MLflow tracking store {uri}: folder {folder} is not writable")
+
+
+def _check_access(base: str) -> None:
+    """One read that a server with authentication answers only for a known user (/health
+    answers anyone): the credentials MLflow's client sends, from the environment."""
+    request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+    except urllib.error.HTTPError as err:
+        if err.code == 401:
+            given = "were refused" if user else "are not set"
+            raise TrackingError(
+                f"MLflow tracking server {base} requires a login: MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD {given}"
+            ) from None
+        if err.code == 403:
+            raise TrackingError(
+                f"MLflow tracking server {base}: user {user!r} may not read experiments; ask "
+                "its admin for a permission"
+            ) from None
+        # anything else (a proxy's page, an older server): the store's own calls will tell
+    except (urllib.error.URLError, OSError):
+        pass  # /health answered a moment ago: a passing failure, which the store's calls retry

@@ -28,6 +28,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,17 +37,18 @@ from typing import Any
 import psutil
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, LoggedModelOutput, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from tasks.recording.lineage import MD5_TAG, git_state, input_tags
-from tasks.recording.recorder import Recorder
+from tasks.recording.recorder import LEVEL, Recorder
 from tasks.recording.store import TrackingError, check_tracking, tracking_uri
 
 EXECUTION_TAG = "pipeline.execution"
 PARENT_TAG = "mlflow.parentRunId"
 MODEL_ALIAS = "current"  # the newest registered backbone ("latest" is reserved by MLflow)
+CONTENT_TAG = "content_md5"  # a registered version's checkpoint hash: one version per content
 # The experiment kind MLflow's UI reads to choose its layout (its own value for model training)
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 _BATCH = 1000  # MLflow's limit of items per log_batch request (of them params: 100)
@@ -61,6 +63,12 @@ def _now_ms() -> int:
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
+
+
+def _value(number: float) -> float:
+    """A metric as recorded: 7 significant digits, float32's precision, so that the UI shows
+    0.2733333 and not a float's tail of noise."""
+    return float(f"{float(number):.7g}")
 
 
 class Connection:
@@ -155,8 +163,15 @@ def end_all_open_runs(status: str) -> None:
 class Run(Recorder):
     """One MLflow run, addressed by id; a context manager that ends it with the right status."""
 
-    def __init__(self, connection: Connection, run_id: str | None, top_level: bool = False):
+    def __init__(
+        self,
+        connection: Connection,
+        run_id: str | None,
+        top_level: bool = False,
+        started_ms: int | None = None,
+    ):
         self.connection, self.run_id, self.top_level = connection, run_id, top_level
+        self.started_ms = started_ms  # a parent's: its `wall_time_s` runs from there
 
     def child(
         self, name: str, tags: dict[str, str] | None = None, inputs: Sequence[Path] = ()
@@ -184,11 +199,11 @@ class Run(Recorder):
             return run
         stamps = [_ms(t) for t in epoch_ends] or [_ms(ended)] * len(history)
         curve = [
-            Metric(k, float(v), stamp, epoch)
+            Metric(k, _value(v), stamp, epoch)
             for epoch, (values, stamp) in enumerate(zip(history, stamps, strict=False))
             for k, v in values.items()
         ]
-        summary = [Metric(k, float(v), _ms(ended), 0) for k, v in (metrics or {}).items()]
+        summary = [Metric(k, _value(v), _ms(ended), 0) for k, v in (metrics or {}).items()]
         run._batch(summary + curve, [Param(k, str(v)) for k, v in (params or {}).items()], [])
         self.connection.call("set_terminated", run.run_id, status="FINISHED", end_time=_ms(ended))
         self.connection.open.pop(run.run_id, None)
@@ -241,7 +256,7 @@ class Run(Recorder):
         """Params, metrics (at one step) and tags in one batched request."""
         stamp = _now_ms()
         self._batch(
-            [Metric(k, float(v), stamp, step) for k, v in (metrics or {}).items()],
+            [Metric(k, _value(v), stamp, step) for k, v in (metrics or {}).items()],
             [Param(k, str(v)) for k, v in (params or {}).items()],
             [RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
@@ -263,16 +278,34 @@ class Run(Recorder):
             self.connection.call("log_artifact", self.run_id, str(path), folder)
 
     def register_model(
-        self, model: Any, example: Any, name: str, tags: dict[str, str]
+        self,
+        model: Any,
+        example: Any,
+        name: str,
+        tags: dict[str, str],
+        content: str,
+        description: str = "",
     ) -> str | None:
-        """Log `model` as an MLflow model (artifact `model/` of this run, exported with
-        `example`, a batch of inputs), register it as a new version of `name` with `tags`, and
-        point the alias `current` at it (MLflow reserves `latest`). Returns the version."""
+        """Log `model` as an MLflow logged model of this run (the experiment's Models tab lists
+        it; exported with `example`, a batch of inputs), and register it as a new version of
+        `name` with `tags` and `description`, unless a version with the same `content` (the
+        checkpoint's hash) exists: that one is kept. The alias `current` points at the version
+        (MLflow reserves `latest`). Returns the version."""
         connection = self.connection
         if self.run_id is None or connection.error is not None:
             return None
         import mlflow.pytorch  # here only: importing it costs seconds
 
+        tags = {**tags, CONTENT_TAG: content}
+        logged = connection.call(
+            "create_logged_model",
+            connection.experiment_id,
+            name="backbone",
+            source_run_id=self.run_id,
+            tags=tags,
+        )
+        if logged is None:
+            return None
         with tempfile.TemporaryDirectory() as folder:
             saved = Path(folder) / "model"
             # the exact torch only: inferring the requirements would scan the environment
@@ -284,20 +317,33 @@ class Run(Recorder):
             except Exception as err:  # a model MLflow cannot export is a tracking failure
                 connection.fail(err)
                 return None
-            connection.call("log_artifacts", self.run_id, str(saved), "model")
-        if not connection.call("search_registered_models", filter_string=f"name = '{name}'"):
-            connection.call("create_registered_model", name, exists_ok=True)
-        version = connection.call(
-            "create_model_version",
-            name,
-            f"runs:/{self.run_id}/model",
-            run_id=self.run_id,
-            tags=tags,
-        )
+            connection.call("log_model_artifacts", logged.model_id, str(saved))
+        # the run's page lists it among its outputs, as MLflow's own log_model does
+        connection.call("log_outputs", self.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        connection.call("finalize_logged_model", logged.model_id, "READY")
+        version = self._version_with(name, content)
         if version is None:
-            return None
-        connection.call("set_registered_model_alias", name, MODEL_ALIAS, version.version)
-        return version.version
+            if not connection.call("search_registered_models", filter_string=f"name = '{name}'"):
+                connection.call("create_registered_model", name, exists_ok=True)
+            created = connection.call(
+                "create_model_version",
+                name,
+                f"models:/{logged.model_id}",
+                run_id=self.run_id,
+                tags=tags,
+                description=description,
+                model_id=logged.model_id,
+            )
+            version = created.version if created is not None else None
+        if version is not None:
+            connection.call("set_registered_model_alias", name, MODEL_ALIAS, version)
+        return version
+
+    def _version_with(self, name: str, content: str) -> str | None:
+        """The registered version of `name` whose content hash is `content`, if any."""
+        versions = self.connection.call("search_model_versions", f"name = '{name}'") or []
+        same = [v.version for v in versions if v.tags.get(CONTENT_TAG) == content]
+        return min(same, key=int) if same else None
 
     def identity(self) -> str | None:
         return self.run_id
@@ -330,6 +376,8 @@ class Run(Recorder):
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if exc_type is None:
+            if self.started_ms is not None:  # under `dvc repro`, each stage's end updates it
+                self.log(metrics={"wall_time_s": (_now_ms() - self.started_ms) / 1000})
             self.set_status("FINISHED")
             return
         # an error fails a run; a signal (KeyboardInterrupt, SystemExit, Prefect's own
@@ -387,21 +435,54 @@ def _connect(experiment: str, orchestrator: str, execution: str | None, root: Pa
 
 
 def start_pipeline_run(
-    experiment: str, orchestrator: str, execution: str | None = None, root: Path = Path(".")
+    experiment: str,
+    orchestrator: str,
+    execution: str | None = None,
+    root: Path = Path("."),
+    label: str = "params.yaml",
 ) -> Run:
-    """Create the parent run of one pipeline execution (after checking the store)."""
+    """Create the parent run of one pipeline execution (after checking the store); `label`
+    names what it ran: the params file and any overrides."""
     connection = _connect(experiment, orchestrator, execution, root)
-    return _create_parent(connection, orchestrator, execution)
+    return _create_parent(connection, orchestrator, execution, label)
 
 
-def _create_parent(connection: Connection, orchestrator: str, execution: str | None) -> Run:
+def _create_parent(
+    connection: Connection, orchestrator: str, execution: str | None, label: str
+) -> Run:
+    """A parent named for what tells executions apart in the runs table, whose column shows
+    about 20 characters: the time (the date is in the Created column), what it ran (params
+    file, overrides), then the orchestrator."""
     tags = {**connection.base_tags, EXECUTION_TAG: execution or f"{orchestrator}-{_now_ms()}"}
-    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')} ({orchestrator})"
+    tags[LEVEL] = "execution"
+    name = f"{time.strftime('%H:%M')} {label} {orchestrator}"
     run = connection.call("create_run", connection.experiment_id, run_name=name, tags=tags)
     if run is None:
         raise TrackingError(f"MLflow tracking store {tracking_uri()}: {connection.error}")
     connection.open[run.info.run_id] = name
-    return Run(connection, run.info.run_id, top_level=True)
+    return Run(connection, run.info.run_id, top_level=True, started_ms=run.info.start_time)
+
+
+# MLflow's UI opens in its GenAI mode unless told otherwise; this filter lists one row per
+# execution (the runs table otherwise pages 100 runs, newest first, and a study of several
+# hundred runs pushes older executions off the first page)
+EXECUTIONS_FILTER = f"tags.{LEVEL} = 'execution'"
+
+
+def runs_page(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The address of the experiment's runs table in MLflow's UI, in its model-training mode,
+    filtered to one row per execution (`base`: the UI's address, when the store is not a
+    server)."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    where = f"experiments/{found.experiment_id}/runs" if found else "experiments"
+    query = urllib.parse.urlencode(
+        {"workflowType": "machine_learning", "searchFilter": EXECUTIONS_FILTER},
+        quote_via=urllib.parse.quote,
+    )
+    return f"{base}/#/{where}?{query}"
 
 
 def _dvc_execution() -> str | None:
@@ -421,11 +502,11 @@ def _dvc_execution() -> str | None:
     return None
 
 
-def join_stage_parent(experiment: str) -> Run:
+def join_stage_parent(experiment: str, label: str) -> Run:
     """The parent run a stage's command line joins (see the module docstring); marked RUNNING."""
     execution = _dvc_execution()
     if execution is None:
-        return start_pipeline_run(experiment, orchestrator="cli")
+        return start_pipeline_run(experiment, "cli", label=label)
     connection = _connect(experiment, "dvc", execution, Path("."))
     found = connection.call(
         "search_runs",
@@ -434,8 +515,10 @@ def join_stage_parent(experiment: str) -> Run:
         max_results=1,
     )
     if not found:
-        return _create_parent(connection, "dvc", execution)
-    parent = Run(connection, found[0].info.run_id, top_level=True)
+        return _create_parent(connection, "dvc", execution, label)
+    parent = Run(
+        connection, found[0].info.run_id, top_level=True, started_ms=found[0].info.start_time
+    )
     parent.set_status("RUNNING")
     return parent
 
