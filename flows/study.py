@@ -99,8 +99,9 @@ def _compare_the_others(
 def _flow_run_name() -> str:
     """What the run studied, as the Prefect UI lists it: the params file and any overrides."""
     parameters = flow_run.parameters
-    sets = " ".join(f"--set {o}" for o in parameters.get("overrides") or [])
-    return f"{parameters.get('params_path', DEFAULT_PARAMS)} {sets}".strip()
+    return frame.run_label(
+        parameters.get("params_path", DEFAULT_PARAMS), parameters.get("overrides") or []
+    )
 
 
 @flow(name="transfer-study", flow_run_name=_flow_run_name)

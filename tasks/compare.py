@@ -182,14 +182,17 @@ VERDICT_COLUMNS = [
 ]
 
 
+def _transfer_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The transfer strategies' rows, with their rank in SIMPLICITY (for breaking ties)."""
+    transfer = table[table.strategy != "scratch"]
+    return transfer.assign(simplicity=transfer.strategy.map(SIMPLICITY.index))
+
+
 def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     """Per target and budget, the transfer strategy with the best mean validation accuracy
     (never the test split), ties to the lower mean validation loss, then to the simpler strategy
     (SIMPLICITY); and what its paired interval says."""
-    transfer = table[table.strategy != "scratch"].assign(
-        simplicity=lambda t: t.strategy.map(SIMPLICITY.index)
-    )
-    ranked = transfer.sort_values(
+    ranked = _transfer_rows(table).sort_values(
         ["val_acc_mean", "val_loss_mean", "simplicity"],
         ascending=[False, True, True],
         kind="stable",
@@ -226,11 +229,8 @@ class Headline:
 
 
 def headlines(summary: pd.DataFrame, verdicts: pd.DataFrame) -> dict[str, Headline]:
-    transfer = summary[summary.strategy != "scratch"].assign(
-        simplicity=lambda t: t.strategy.map(SIMPLICITY.index)
-    )
     found = {}
-    for target, curves in transfer.groupby("target", sort=False):
+    for target, curves in _transfer_rows(summary).groupby("target", sort=False):
         best = curves.sort_values(["val_aulc", "simplicity"], ascending=[False, True]).iloc[0]
         ends = verdicts[verdicts.target == target].sort_values("n_labels", kind="stable")
         found[target] = Headline(best.strategy, best.aulc_gain_pts, ends.iloc[0], ends.iloc[-1])

@@ -337,9 +337,9 @@ class TargetGrid:
             for strategy in strategies
             if any((strategy, budget.name, seed) not in self.progress.cells for seed in cfg.seeds)
         ]
-        self.stage = Recorder()
-        self.freeze_blocks = cfg.freeze_blocks
-        self.records = GridRecords(self.stage, self.inputs, cfg.freeze_blocks)
+        self.freeze_blocks = cfg.freeze_blocks  # the records name what `partial` freezes
+        self.stage = Recorder()  # the target's stage record and its grid's, once `open`
+        self.records = GridRecords(self.stage, self.inputs, self.freeze_blocks)
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped

@@ -34,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -274,9 +274,7 @@ def execution(
     layout = layout or Layout()
     origin = params.origin
     # what the execution ran, as its parent's name says: the params file and any overrides
-    label = "params in code"
-    if origin:
-        label = " ".join([Path(origin.path).name, *(f"--set {o}" for o in origin.overrides)])
+    label = run_label(origin.path, origin.overrides) if origin else "params in code"
     with workspace_lock(layout.root):
         if orchestrator == "stage":
             parent = tracking.join_stage_parent(params.experiment, label)
@@ -289,6 +287,12 @@ def execution(
             off = Versioning(layout.root, enabled=False)
             yield Execution(params, layout, parent, versioning or off)
     raise_if_tracking_failed(parent)
+
+
+def run_label(params_path: str | Path, overrides: Sequence[str]) -> str:
+    """What an execution ran, as its MLflow parent and Prefect flow run are named: the params
+    file's name and the overrides, `params.quick.yaml --set split.seed=1`."""
+    return " ".join([Path(params_path).name, *(f"--set {o}" for o in overrides)])
 
 
 def execution_params(params: Params) -> dict[str, str]:

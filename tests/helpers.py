@@ -135,3 +135,16 @@ def registered_backbone(client: Any, name: str) -> tuple[Any, Any, set[str]]:
     model = client.get_logged_model(version.source.removeprefix("models:/"))
     files = {a.path for a in client.list_logged_model_artifacts(model.model_id)}
     return version, model, files
+
+
+def spawn(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A server in a session of its own (so that `stop` ends it with its workers), its output
+    to `log`."""
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tasks.compare import read_results
 from tasks.config.params import load_params
 from tests.helpers import (
     digest,
@@ -72,6 +73,7 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
     budgets = len(cfg.fractions) + len(cfg.shots)
     comparison = pd.read_csv(workspace / "reports/comparison.csv", keep_default_na=False)
     for target in targets:
+        results = read_results(workspace / "data/results" / f"{target}.csv")
         stage_id = children[f"finetune {target}"].info.run_id
         # a run per strategy x budget, carrying the comparison's numbers, seeds beneath it
         below = {r.info.run_name: r for r in all_runs if r.data.tags.get(PARENT) == stage_id}
@@ -95,8 +97,17 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
                 tuned = {k for k in seed_run.data.params if k.startswith("tuned.")}
                 assert ("tuned.lr" in tuned) == (row.strategy != "linear_probe")
                 assert ("tuned.l2" in tuned) == (row.strategy in ("linear_probe", "lp_ft"))
-                assert "test/acc" in seed_run.data.metrics
-                assert seed_run.data.metrics["gain_pts"] == 0 or transfer  # scratch's: 0
+                # the gain against scratch on the same seed and subset, in points (scratch: 0)
+                seed = int(seed_run.data.params["seed"])
+                mine, scratch = (
+                    results.set_index(["strategy", "budget", "seed"]).test_acc[
+                        (s, row.budget, seed)
+                    ]
+                    for s in (row.strategy, "scratch")
+                )
+                assert seed_run.data.metrics["test/acc"] == pytest.approx(mine, rel=1e-6)
+                gain = seed_run.data.metrics["gain_pts"]
+                assert gain == pytest.approx(100 * (mine - scratch), abs=1e-4)
     assert {r.info.status for r in all_runs} == {"FINISHED"}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "comparison.csv", "summary.csv", "verdicts.csv", "plots"} <= artifacts

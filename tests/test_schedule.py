@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.helpers import free_port, make_workspace, run_command
+from tests.helpers import free_port, make_workspace, run_command, spawn
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "transfer-study/transfer-study"
@@ -33,17 +33,6 @@ def wait_until(check, timeout: float, what: str):
                 return found
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def spawn(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
 
 
 @pytest.fixture

@@ -16,7 +16,6 @@ import os
 import re
 import secrets
 import signal
-import subprocess
 import sys
 import threading
 import urllib.error
@@ -32,7 +31,16 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.config.params import load_params
-from tests.helpers import REPO, free_port, log_tail, make_workspace, poll, run_command, stop
+from tests.helpers import (
+    REPO,
+    free_port,
+    log_tail,
+    make_workspace,
+    poll,
+    run_command,
+    spawn,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
@@ -77,17 +85,6 @@ class Team:
         return [self.mlflow_password, password, encoded]
 
 
-def _spawn(command: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        command,
-        cwd=cwd,
-        env={**os.environ, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
 def _answers(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as answer:
         return answer.status == 200
@@ -114,7 +111,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     auth_ini.chmod(0o600)
     mlflow_port, prefect_port = free_port(), free_port()
     mlflow_log, prefect_log = root / "mlflow-server.log", root / "prefect-server.log"
-    mlflow = _spawn(
+    mlflow = spawn(
         [
             sys.executable,
             "-m",
@@ -134,15 +131,15 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
             "--workers",
             "1",
         ],
+        root,
         {
             "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         },
         mlflow_log,
-        root,
     )
-    prefect = _spawn(
+    prefect = spawn(
         [
             str(Path(sys.executable).parent / "prefect"),
             "server",
@@ -152,6 +149,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
             "--port",
             str(prefect_port),
         ],
+        root,
         {
             "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_SERVER_API_AUTH_STRING": prefect_auth,
@@ -159,7 +157,6 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
             "PREFECT_UI_API_URL": "/api",  # the UI asks the server it came from, on any port
         },
         prefect_log,
-        root,
     )
     try:
         mlflow_uri, prefect_uri = (
@@ -508,6 +505,27 @@ def test_prefect_ui_shows_the_flow_run_its_tasks_and_verdicts(
 
 
 # --- DVC -----------------------------------------------------------------------------------------
+
+
+def test_dvc_plots_show_in_a_fresh_clone_draws_the_workspaces_results(tmp_path: Path) -> None:
+    """A fresh clone's dvc.lock names outputs its DVC cache does not hold (until `dvc pull`, or
+    after a run DVC does not record: another params file, `--set`). `dvc plots show` still
+    draws the comparison on disk. (It used to exit 0 with no page: the PNG folder was a plots
+    output, which DVC lists through the lock's hash and the cache.)"""
+    workspace = make_workspace(tmp_path / "ws", extra=("dvc.lock",))
+    rows = [
+        f"mine,{strategy},{n},0.{n},0.{n - 1},0.{n + 1},{gain},{gain - 5},{gain + 5}"
+        for strategy, gain in [("scratch", 0), ("finetune", 12)]
+        for n in (20, 40)
+    ]
+    header = "target,strategy,n_labels,test_acc_mean,test_acc_ci_low,test_acc_ci_high,"
+    header += "gain_pts,gain_pts_ci_low,gain_pts_ci_high"
+    (workspace / "reports").mkdir()
+    (workspace / "reports/comparison.csv").write_text("\n".join([header, *rows]) + "\n")
+    shown = run_command(["dvc", "plots", "show"], cwd=workspace)
+    page = workspace / "dvc_plots" / "index.html"
+    assert shown.returncode == 0 and page.exists(), shown.stdout + shown.stderr
+    assert page.read_text().count('"target": "mine"') == 2 * len(rows)  # both plots, every row
 
 
 def test_dvc_plots_show_draws_interactive_curves(study: Study, page: Any) -> None:

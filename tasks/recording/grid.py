@@ -53,7 +53,8 @@ class GridRecords:
         self.cells: dict[Key, Cell] = {}
         self.budget_runs: dict[tuple[str, str], Recorder] = {}
         self.seed_runs: dict[Key, Recorder] = {}
-        self.gains_logged: set[Key | tuple[str, str]] = set()
+        self.budget_gains: set[tuple[str, str]] = set()  # budget runs whose gain is logged
+        self.seed_gains: set[Key] = set()  # ...and seed runs
 
     def add(self, cells: list[Cell]) -> None:
         """Finished cells (one group's, or every cell resumed from a progress file)."""
@@ -66,25 +67,25 @@ class GridRecords:
             run = self._record_budget(group, members, gain)
             self.budget_runs[group] = run
             if gain is not None:
-                self.gains_logged.add(group)
+                self.budget_gains.add(group)
             for cell in members:
                 seed_gain = self._seed_gain(cell.key)
                 self.seed_runs[cell.key] = self._record_seed(run, cell, seed_gain)
                 if seed_gain is not None:
-                    self.gains_logged.add(cell.key)
+                    self.seed_gains.add(cell.key)
         self._log_late_gains()
 
     def _log_late_gains(self) -> None:
         """The gains of runs recorded before scratch's group at their budget was in."""
         for group, run in self.budget_runs.items():
-            if group not in self.gains_logged and (gain := self._budget_gain(group)):
+            if group not in self.budget_gains and (gain := self._budget_gain(group)):
                 metrics, tags = gain
                 run.log(metrics=metrics, tags=tags)
-                self.gains_logged.add(group)
+                self.budget_gains.add(group)
         for key, run in self.seed_runs.items():
-            if key not in self.gains_logged and (seed_gain := self._seed_gain(key)) is not None:
+            if key not in self.seed_gains and (seed_gain := self._seed_gain(key)) is not None:
                 run.log(metrics={"gain_pts": seed_gain})
-                self.gains_logged.add(key)
+                self.seed_gains.add(key)
 
     def _seed_gain(self, key: Key) -> float | None:
         _, budget, seed = key
@@ -159,7 +160,7 @@ class GridRecords:
         if gain is not None:
             metrics["gain_pts"] = gain
         # the chosen epoch's; the history's val/acc shows the last epoch's in MLflow
-        metrics |= {"val/best_acc": row["val_acc"], "val/best_loss": row["val_loss"]}
+        metrics |= {"best/val_acc": row["val_acc"], "best/val_loss": row["val_loss"]}
         history = [dict(epoch) for epoch in cell.history]
         epoch_ends = list(cell.epoch_ends)
         for curve in cell.curves:

@@ -48,19 +48,23 @@ def check_tracking(uri: str) -> None:
 
 def _check_access(base: str) -> None:
     """One read that a server with authentication answers only for a known user (/health
-    answers anyone): the credentials MLflow's client sends, from the environment."""
+    answers anyone), with the credentials MLflow's client sends: a user and password, or a
+    token, from the environment."""
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/search?max_results=1")
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     password = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    bearer = os.environ.get("MLFLOW_TRACKING_TOKEN")
     if user and password:
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
+        login = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {login}")
+    elif bearer:  # MLflow's client sends a token when there is no user and password
+        request.add_header("Authorization", f"Bearer {bearer}")
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
             answer.read()
     except urllib.error.HTTPError as err:
         if err.code == 401:
-            given = "were refused" if user else "are not set"
+            given = "were refused" if user and password else "are not set"
             raise TrackingError(
                 f"MLflow tracking server {base} requires a login: MLFLOW_TRACKING_USERNAME and "
                 f"MLFLOW_TRACKING_PASSWORD {given}"

@@ -315,6 +315,7 @@ class Run(Recorder):
                     model, saved, input_example=example, pip_requirements=requirements
                 )
             except Exception as err:  # a model MLflow cannot export is a tracking failure
+                connection.call("finalize_logged_model", logged.model_id, "FAILED")
                 connection.fail(err)
                 return None
             connection.call("log_model_artifacts", logged.model_id, str(saved))
@@ -451,11 +452,11 @@ def _create_parent(
     connection: Connection, orchestrator: str, execution: str | None, label: str
 ) -> Run:
     """A parent named for what tells executions apart in the runs table, whose column shows
-    about 20 characters: the time (the date is in the Created column), what it ran (params
-    file, overrides), then the orchestrator."""
+    about 20 characters: the time to the second (the date is in the Created column), what it
+    ran (params file, overrides), then the orchestrator."""
     tags = {**connection.base_tags, EXECUTION_TAG: execution or f"{orchestrator}-{_now_ms()}"}
     tags[LEVEL] = "execution"
-    name = f"{time.strftime('%H:%M')} {label} {orchestrator}"
+    name = f"{time.strftime('%H:%M:%S')} {label} {orchestrator}"
     run = connection.call("create_run", connection.experiment_id, run_name=name, tags=tags)
     if run is None:
         raise TrackingError(f"MLflow tracking store {tracking_uri()}: {connection.error}")
@@ -476,7 +477,10 @@ def runs_page(experiment: str, base: str = "http://127.0.0.1:5000") -> str:
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         base = uri.rstrip("/")
-    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception:  # a store that fails now costs the link its experiment, not the result
+        found = None
     where = f"experiments/{found.experiment_id}/runs" if found else "experiments"
     query = urllib.parse.urlencode(
         {"workflowType": "machine_learning", "searchFilter": EXECUTIONS_FILTER},
