@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ def _isolated_run_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     """No test writes to the developer's MLflow store or Prefect home."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+
+
+@pytest.fixture
+def workspace(runs: dict[str, Path], tmp_path: Path) -> Path:
+    """A private copy of the finished `dvc repro` workspace, to damage at will."""
+    copy = tmp_path / "ws"
+    shutil.copytree(runs["dvc"], copy, symlinks=True)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -148,3 +148,10 @@ def spawn(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subp
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The command's error: its last line on stderr (progress logs may stand before it)."""
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), result.stderr
+    return line
