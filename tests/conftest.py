@@ -12,6 +12,28 @@ from filelock import FileLock
 from tasks.config.params import Params, load_params
 from tests.helpers import TINY, make_workspace, run_command
 
+# The test files that take a minute or more, first. pytest-xdist hands each worker whole files in
+# collection order: these start first and the short files fill in around them, so the two
+# workers finish together (alphabetically, the browser tests would start last, alone). The
+# files on the shared `runs` (pipeline, interrupts, bad input) are spread so that no worker
+# waits for the other to finish running them.
+LONG_FILES = [
+    "test_pipeline",
+    "test_ui",
+    "test_frame",
+    "test_tracking_server",
+    "test_schedule",
+    "test_interrupts",
+    "test_bad_input",
+    "test_remote",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    # a stable sort: each file's tests keep their order
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONG_FILES)))
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
