@@ -337,16 +337,14 @@ class TargetGrid:
             for strategy in strategies
             if any((strategy, budget.name, seed) not in self.progress.cells for seed in cfg.seeds)
         ]
-        self.freeze_blocks = cfg.freeze_blocks  # the records name what `partial` freezes
-        self.stage = Recorder()  # the target's stage record and its grid's, once `open`
-        self.records = GridRecords(self.stage, self.inputs, self.freeze_blocks)
+        # the grid's records, under the target's stage record once `open` (none before)
+        self.records = GridRecords(Recorder(), self.inputs, cfg.freeze_blocks)
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped
         execution finished before (resumed from the progress file)."""
         tags = stage_tags("finetune", target=self.target)
-        self.stage = parent.child(f"finetune {self.target}", tags=tags, inputs=self.inputs)
-        self.records = GridRecords(self.stage, self.inputs, self.freeze_blocks)
+        self.records.stage = parent.child(f"finetune {self.target}", tags=tags, inputs=self.inputs)
         self.records.add(list(self.progress.cells.values()))
 
     def add(self, cells: list[Cell]) -> None:
@@ -420,7 +418,7 @@ class Fanout:
     def _finish(self, target: str) -> None:
         grid = self.grids[target]
         try:
-            with grid.stage:  # FAILED if a group failed
+            with grid.records.stage:  # FAILED if a group failed
                 if target in self.errors:
                     raise self.errors[target]
                 self.tables[target] = grid.finish()

@@ -79,10 +79,14 @@ class Team:
             "PREFECT_API_AUTH_STRING": self.prefect_auth,
         }
 
+    @property
+    def prefect_token(self) -> str:
+        """The auth string as it travels: base64, in a Basic header or the UI's local storage."""
+        return base64.b64encode(self.prefect_auth.encode()).decode()
+
     def secrets(self) -> list[str]:
         password = self.prefect_auth.split(":", 1)[1]
-        encoded = base64.b64encode(self.prefect_auth.encode()).decode()
-        return [self.mlflow_password, password, encoded]
+        return [self.mlflow_password, password, self.prefect_token]
 
 
 def _answers(url: str) -> bool:
@@ -319,9 +323,10 @@ def page(
         http_credentials={"username": team.mlflow_user, "password": team.mlflow_password},
     )
     context.set_default_timeout(TIMEOUT_MS)
-    token = base64.b64encode(team.prefect_auth.encode()).decode()
     # what Prefect's login page stores once the auth string is typed in
-    context.add_init_script(f"window.localStorage.setItem('prefect-password', '{token}')")
+    context.add_init_script(
+        f"window.localStorage.setItem('prefect-password', '{team.prefect_token}')"
+    )
     context.route(CDN, _local_vega)
     opened = context.new_page()
     yield opened
@@ -463,7 +468,7 @@ def _prefect_api(team: Team, path: str, body: dict) -> Any:
         data=json.dumps(body).encode(),
         headers={
             "Content-Type": "application/json",
-            "Authorization": f"Basic {base64.b64encode(team.prefect_auth.encode()).decode()}",
+            "Authorization": f"Basic {team.prefect_token}",
         },
     )
     with urllib.request.urlopen(request, timeout=30) as answer:
