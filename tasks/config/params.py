@@ -67,8 +67,14 @@ class Mnist1dArgs(_Frozen):
     engine: Literal["reference", "fast"] = "reference"
 
 
+SIGNAL_KINDS = ("mnist1d", "npz")
+TEXT_KINDS = ("text", "fortunes")
+TEXT_BACKBONES = ("transformer", "pretrained")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's fortunes packages put them
+
+
 class DatasetSpec(_Frozen):
-    kind: Literal["mnist1d", "npz"]
+    kind: Literal["mnist1d", "npz", "text", "fortunes"]
     # labels to keep as stored (ints or strings, matched by their text: 1 matches '1'),
     # relabelled 0..K-1 in this order; null: all, sorted
     classes: list[int | str] | None = None
@@ -77,6 +83,23 @@ class DatasetSpec(_Frozen):
     # series of unequal length in one dataset (NaN-padded at the end): refuse them, or stretch
     # each linearly to the dataset's longest (kind npz only)
     unequal_lengths: Literal["refuse", "resample"] = "refuse"
+    # kind text: a table (.csv, .parquet, .jsonl) with one text per row; label_column null: no
+    # labels (a source for self-supervised pretraining only)
+    text_column: str = "text"
+    label_column: str | None = "label"
+    # kind fortunes: `classes` name files of Debian's fortunes packages under `path` (default
+    # /usr/share/games/fortunes), e.g. people, de/witze; each file is a class. At most
+    # `max_per_class` fortunes of each are kept (a seeded draw), those longer than
+    # `max_chars` are dropped first
+    max_per_class: PositiveInt | None = None
+    max_chars: PositiveInt | None = None
+    # kinds text and fortunes: replace each letter by another, the same throughout (a seeded
+    # substitution cipher): the words are gone, the task stays learnable (a control)
+    cipher_seed: Seed | None = None
+
+    @property
+    def modality(self) -> Literal["signal", "text"]:
+        return "text" if self.kind in TEXT_KINDS else "signal"
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -106,13 +129,28 @@ class DatasetSpec(_Frozen):
             raise ValueError(
                 f"classes: kind mnist1d has classes 0-9 (integers), got {self.classes}"
             )
-        if self.kind == "mnist1d" and self.unequal_lengths != "refuse":
-            raise ValueError("'unequal_lengths' is only for kind npz (mnist1d series share L)")
-        if self.kind == "npz" and self.generator is not None:
+        if self.kind != "mnist1d" and self.generator is not None:
             raise ValueError("'generator' is only for kind mnist1d")
-        if self.kind == "npz" and self.path is None:
-            raise ValueError("kind npz needs 'path'")
+        if self.kind in ("npz", "text") and self.path is None:
+            raise ValueError(f"kind {self.kind} needs 'path'")
+        if self.kind == "fortunes" and not self.classes:
+            raise ValueError("kind fortunes needs 'classes', its files: e.g. [people, law]")
+        only = {  # keys that mean something for some kinds only
+            "unequal_lengths": ("npz",),
+            "text_column": ("text",),
+            "label_column": ("text",),
+            "max_per_class": ("fortunes",),
+            "max_chars": ("fortunes",),
+            "cipher_seed": TEXT_KINDS,
+        }
+        for key, kinds in only.items():
+            if key in self.model_fields_set and self.kind not in kinds:
+                raise ValueError(f"'{key}' is only for kind {' or '.join(kinds)}")
         return self
+
+    @property
+    def fortunes_dir(self) -> Path:
+        return self.path or FORTUNES_DIR
 
     @property
     def generator_args(self) -> Mnist1dArgs:
@@ -132,10 +170,52 @@ class SplitParams(_Frozen):
 
 
 class ModelParams(_Frozen):
-    backbone: Literal["cnn1d", "mlp"] = "cnn1d"
+    # signals: cnn1d, mlp; text: transformer (ours, pretrained here) or pretrained (a Hugging
+    # Face encoder from the directory `pretrained_path`, used in place of pretraining)
+    backbone: Literal["cnn1d", "mlp", "transformer", "pretrained"] = "cnn1d"
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 32, 32])
     kernel_size: PositiveInt = 5
     hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256])
+    # transformer: width, encoder layers, attention heads, feed-forward width
+    width: PositiveInt = 128
+    layers: PositiveInt = 4
+    heads: PositiveInt = 4
+    ff_width: PositiveInt = 256
+    pretrained_path: Path | None = None
+
+    @model_validator(mode="after")
+    def _backbone_fields(self) -> ModelParams:
+        if self.backbone == "pretrained" and self.pretrained_path is None:
+            raise ValueError("model.backbone pretrained needs model.pretrained_path")
+        if self.backbone != "pretrained" and self.pretrained_path is not None:
+            raise ValueError("model.pretrained_path is only for model.backbone pretrained")
+        if self.backbone == "transformer" and self.width % self.heads:
+            raise ValueError(f"model.width ({self.width}) must be a multiple of model.heads")
+        return self
+
+    @property
+    def modality(self) -> Literal["signal", "text"]:
+        return "text" if self.backbone in TEXT_BACKBONES else "signal"
+
+    @property
+    def depth(self) -> int:
+        """The backbone's blocks, counted from the input (what `partial` freezes a prefix of)."""
+        if self.backbone == "cnn1d":
+            return len(self.channels)
+        if self.backbone == "mlp":
+            return len(self.hidden)
+        return self.layers  # pretrained: checked against the encoder when it is loaded
+
+
+class TextParams(_Frozen):
+    """How texts become token ids in `prepare` (text kinds only)."""
+
+    # trained on the source's training texts with Hugging Face tokenizers; with
+    # model.backbone pretrained, the encoder's own tokenizer is used instead
+    tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
+    vocab_size: Annotated[int, Field(ge=100)] = 4000
+    max_tokens: Annotated[int, Field(ge=4, le=512)] = 64  # longer texts are truncated
+    lowercase: bool = True
 
 
 class TrainParams(_Frozen):
@@ -148,6 +228,10 @@ class TrainParams(_Frozen):
 
 
 class PretrainParams(TrainParams):
+    # supervised: on the source's labels; mlm: masked-language modelling on its texts (the
+    # BERT recipe: mask_prob of the tokens, 80% [MASK], 10% random, 10% kept), transformer only
+    objective: Literal["supervised", "mlm"] = "supervised"
+    mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
     lr: PositiveFloat = 3e-3
     seed: Seed = 0
     # > 1: the stage runs itself under torchrun as this many data-parallel processes
@@ -167,6 +251,9 @@ class FinetuneParams(TrainParams):
     seeds: list[Seed] = Field(default_factory=lambda: [0])
     lrs: list[PositiveFloat] = Field(default_factory=lambda: [3e-3])
     backbone_lr_scale: PositiveFloat = 0.1
+    # layer-wise learning-rate decay: a backbone block's rate is multiplied by layer_decay per
+    # block down from the head (1: off); transformer embeddings count as the lowest block
+    layer_decay: Annotated[float, Field(gt=0, le=1)] = 1.0
     freeze_blocks: PositiveInt = 1
     probe_l2: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1e-3])
 
@@ -232,6 +319,7 @@ class Params(_Frozen):
     targets: dict[str, DatasetSpec]
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
+    text: TextParams = TextParams()
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
@@ -244,13 +332,42 @@ class Params(_Frozen):
 
     @model_validator(mode="after")
     def _partial_leaves_a_block_to_train(self) -> Params:
-        blocks = self.model.channels if self.model.backbone == "cnn1d" else self.model.hidden
-        if "partial" in self.finetune.strategies and self.finetune.freeze_blocks >= len(blocks):
+        blocks = self.model.depth
+        if "partial" in self.finetune.strategies and self.finetune.freeze_blocks >= blocks:
             raise ValueError(
                 f"finetune.freeze_blocks ({self.finetune.freeze_blocks}) must be below the "
-                f"number of backbone blocks ({len(blocks)}), or 'partial' trains no block"
+                f"number of backbone blocks ({blocks}), or 'partial' trains no block"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_modality(self) -> Params:
+        """Every dataset is of the backbone's modality; MLM needs texts and our transformer."""
+        wanted = self.model.modality
+        for key, spec in [("source", self.source), *self.targets_by_key.items()]:
+            if spec.modality != wanted:
+                fits = "transformer or pretrained" if spec.modality == "text" else "cnn1d or mlp"
+                raise ValueError(
+                    f"{key}: kind {spec.kind} holds {spec.modality}s, but model.backbone "
+                    f"{self.model.backbone} takes {wanted}s (use {fits})"
+                )
+        if self.pretrain.objective == "mlm" and self.model.backbone != "transformer":
+            raise ValueError("pretrain.objective mlm needs model.backbone transformer")
+        if self.pretrain.objective == "mlm" and self.pretrain.processes > 1:
+            raise ValueError("pretrain.objective mlm runs in one process (pretrain.processes: 1)")
+        unlabelled = self.source.kind == "text" and self.source.label_column is None
+        if unlabelled and self.pretrain.objective == "supervised":
+            raise ValueError(
+                "source has no label_column: pretrain it with pretrain.objective mlm"
+            )
+        for name, spec in self.targets.items():
+            if spec.kind == "text" and spec.label_column is None:
+                raise ValueError(f"targets.{name}.label_column: a target needs labels")
+        return self
+
+    @property
+    def targets_by_key(self) -> dict[str, DatasetSpec]:
+        return {f"targets.{name}": spec for name, spec in self.targets.items()}
 
     @field_validator("targets")
     @classmethod
@@ -365,7 +482,26 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
 
 
 def _check_paths_exist(params: Params, path: Path) -> None:
-    datasets = {"source": params.source} | {f"targets.{n}": s for n, s in params.targets.items()}
-    for key, spec in datasets.items():
-        if spec.path is not None and not spec.path.is_file():
+    for key, spec in {"source": params.source, **params.targets_by_key}.items():
+        if spec.kind == "fortunes":
+            _check_fortunes(spec, key, path)
+        elif spec.path is not None and not spec.path.is_file():
             raise ParamsError(f"{path}: {key}.path: file {str(spec.path)!r} does not exist")
+    model = params.model.pretrained_path
+    if model is not None and not model.is_dir():
+        raise ParamsError(
+            f"{path}: model.pretrained_path: directory {str(model)!r} does not exist"
+        )
+
+
+def _check_fortunes(spec: DatasetSpec, key: str, path: Path) -> None:
+    if not spec.fortunes_dir.is_dir():
+        raise ParamsError(
+            f"{path}: {key}: no fortunes at {spec.fortunes_dir} (install Debian's fortunes "
+            "packages: apt-get install fortunes fortunes-de fortunes-es, or set path)"
+        )
+    missing = [c for c in spec.classes or [] if not (spec.fortunes_dir / str(c)).is_file()]
+    if missing:
+        raise ParamsError(
+            f"{path}: {key}.classes: no fortune file {missing[0]!r} in {spec.fortunes_dir}"
+        )
