@@ -40,9 +40,12 @@ from tasks.learning.ensemble import Member, fit_ensemble
 from tasks.learning.probe import ProbeResult, fit_probe
 from tasks.learning.train import DeviceData, evaluate
 from tasks.models.classifier import (
+    VECTORISED,
     Classifier,
     arch_for,
     build_classifier,
+    depth_below_head,
+    freeze_lower,
     load_checkpoint,
     pretrained_classifier,
 )
@@ -155,13 +158,27 @@ def _probed_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, see
     return Start(start.model, {"l2": probe.l2})
 
 
+def rate_scales(model: Classifier, cfg: FinetuneParams, transfer: bool) -> dict[str, float]:
+    """Each parameter's learning rate as a multiple of the run's lr. Transfer: pretrained layers
+    at the discriminative rate (backbone_lr_scale), times layer_decay for each block down from
+    the head (layer-wise decay: 1 leaves it off); the head and a fresh input layer learn from
+    nothing, at the head's rate. Scratch: every parameter at the run's lr."""
+    depths = depth_below_head(model)
+    return {
+        name: cfg.backbone_lr_scale * cfg.layer_decay ** depths[name]
+        if transfer and name.startswith("backbone.") and name not in model.fresh
+        else 1.0
+        for name, _ in model.named_parameters()
+    }
+
+
 def _network(
     start: Callable[[TargetData, np.ndarray, FinetuneParams, int], Start],
-    backbone_lr_scale: Callable[[FinetuneParams], float],
+    transfer: bool = True,
     frozen_blocks: Callable[[FinetuneParams], int] = lambda cfg: 0,
 ) -> Strategy:
     """A strategy that trains a network: the same loop and lr grid for all, its own start,
-    backbone learning-rate scale and frozen blocks."""
+    learning rates per layer (`rate_scales`) and frozen blocks."""
 
     def run(
         data: TargetData, subsets: dict[int, np.ndarray], cfg: FinetuneParams, device: torch.device
@@ -173,19 +190,14 @@ def _network(
             train = DeviceData.from_arrays(data.inputs["train"].take(subset), device)
             for lr in cfg.lrs:
                 model = copy.deepcopy(starts[seed].model)
-                model.backbone.blocks[: frozen_blocks(cfg)].requires_grad_(False)
+                freeze_lower(model, frozen_blocks(cfg))
                 for name, param in model.named_parameters():
                     param.requires_grad_(param.requires_grad or name in model.fresh)
                 members.append(Member(model, train, lr, seed))
-        scale, fresh = backbone_lr_scale(cfg), members[0].model.fresh
+        scales = rate_scales(members[0].model, cfg, transfer)
         val = DeviceData.from_arrays(data.inputs["val"], device)
-
-        def lr_scale(name: str) -> float:
-            # pretrained layers at the discriminative rate; the head and a fresh input layer
-            # learn from nothing, at the head's
-            return scale if name.startswith("backbone.") and name not in fresh else 1.0
-
-        fitted = fit_ensemble(members, val, cfg, lr_scale)
+        vectorise = data.checkpoint["arch"]["name"] in VECTORISED
+        fitted = fit_ensemble(members, val, cfg, scales.__getitem__, vectorise)
         test = DeviceData.from_arrays(data.inputs["test"], device)
         outcomes = {}
         for seed in subsets:
@@ -214,16 +226,12 @@ def _network(
     return run
 
 
-def _discriminative(cfg: FinetuneParams) -> float:
-    return cfg.backbone_lr_scale
-
-
 STRATEGIES: dict[str, Strategy] = {
-    "scratch": _network(_scratch_start, lambda cfg: 1.0),
+    "scratch": _network(_scratch_start, transfer=False),
     "linear_probe": _linear_probe,
-    "finetune": _network(_pretrained_start, _discriminative),
-    "lp_ft": _network(_probed_start, _discriminative),
-    "partial": _network(_pretrained_start, _discriminative, lambda cfg: cfg.freeze_blocks),
+    "finetune": _network(_pretrained_start),
+    "lp_ft": _network(_probed_start),
+    "partial": _network(_pretrained_start, frozen_blocks=lambda cfg: cfg.freeze_blocks),
 }
 
 

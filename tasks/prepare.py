@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from typing import Any
 
-from tasks.config.params import DatasetSpec, Params
-from tasks.data.datasets import class_counts, save_splits, small_validation
-from tasks.data.sources import BuiltDataset, build_splits, cuts_test, datasets
+from tokenizers import Tokenizer
+
+from tasks.config.params import TEXT_BACKBONES, DatasetSpec, Params
+from tasks.data import tokens
+from tasks.data.datasets import Labelled, class_counts, save_splits, small_validation
+from tasks.data.sources import SOURCE, BuiltDataset, build_splits, cuts_test, datasets
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
@@ -29,15 +34,19 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
             name: build_splits(spec, params.split, key, cut_test=cuts_test(name))
             for name, (spec, key) in named.items()
         }
+        text: dict[str, Any] = {}  # what every text dataset's meta says of its token ids
+        if params.model.backbone in TEXT_BACKBONES:
+            built, text = _tokenized(params, built, layout)
         for name, data in built.items():
-            meta = _meta(name, named[name][0], data)
+            meta = _meta(name, named[name][0], data) | text
             sizes[name] = meta["sizes"]
             save_splits(layout.prepared(name), data.splits, meta)
             # an older run's split this one no longer writes (the test.npz once cut from the
             # source) must not pass for this run's
-            files.prune(
-                layout.prepared(name), keep={f"{s}.npz" for s in data.splits} | {"meta.json"}
-            )
+            keep = {f"{s}.npz" for s in data.splits} | {"meta.json"}
+            if text and name == SOURCE:
+                keep.add(tokens.TOKENIZER_FILE)
+            files.prune(layout.prepared(name), keep=keep)
             if note := small_validation(meta["val_class_counts"]):
                 log.warning("%s: %s", name, note)
             log.info("prepared %s: %s", name, sizes[name])
@@ -49,6 +58,39 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     return sizes
 
 
+def _tokenized(
+    params: Params, built: dict[str, BuiltDataset], layout: Layout
+) -> tuple[dict[str, BuiltDataset], dict[str, Any]]:
+    """Every split's texts as token ids (N, max_tokens), by the source's tokenizer (trained on
+    its training texts) or the pretrained encoder's own, which is written beside the source's
+    splits; and what the datasets' meta says of them."""
+    cfg, pretrained = params.text, params.model.pretrained_path  # set: model.backbone pretrained
+    if pretrained is not None:
+        from tasks.models.pretrained import read_pretrained_dir  # transformers: a slow import
+
+        encoder = read_pretrained_dir(pretrained)
+        tokenizer = Tokenizer.from_str(encoder.tokenizer_json)
+        pad_id, kind = encoder.pad_id, "pretrained"
+        # the weights' hash: pretrain checks that it still reads these very weights, and DVC
+        # reruns it when they change (this stage's output changes with the hash)
+        origin = {"pretrained": {"path": str(pretrained), "sha256": encoder.weights_sha256}}
+    else:
+        tokenizer = tokens.train_tokenizer(built[SOURCE].splits["train"].x, cfg)
+        pad_id, kind, origin = tokenizer.token_to_id("[PAD]"), cfg.tokenizer, {}
+    encoded = {
+        name: dataclasses.replace(
+            data,
+            splits={
+                split: Labelled(tokens.encode(tokenizer, part.x, cfg.max_tokens, pad_id), part.y)
+                for split, part in data.splits.items()
+            },
+        )
+        for name, data in built.items()
+    }
+    tokens.save(tokenizer, layout.prepared(SOURCE) / tokens.TOKENIZER_FILE)
+    return encoded, {"tokens": tokens.describe(tokenizer, pad_id, kind), **origin}
+
+
 def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
     num_classes = len(data.classes)
     return {
@@ -57,7 +99,7 @@ def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
         # original label of each class index 0..K-1: JSON ints for integer labels, else strings
         "classes": data.classes,
         "num_classes": num_classes,
-        "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L)
+        "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L); text: (max_tokens,)
         "sizes": {split: len(part) for split, part in data.splits.items()},
         "test_source": data.test_source,  # "shipped" with the data, "cut" from it, or "none"
         "train_class_counts": class_counts(data.splits["train"], num_classes),

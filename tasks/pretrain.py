@@ -1,4 +1,5 @@
-"""Stage `pretrain`: supervised pretraining of the backbone on the source dataset."""
+"""Stage `pretrain`: the backbone, pretrained on the source dataset (supervised on its labels, or
+masked-language modelling on its texts), or an off-the-shelf encoder's weights, recorded."""
 
 from __future__ import annotations
 
@@ -7,12 +8,28 @@ from pathlib import Path
 
 import torch
 
-from tasks.config.params import Params
+from tasks.config.params import Params, PretrainParams
 from tasks.data.datasets import load_meta, load_split
+from tasks.data.tokens import TOKENIZER_FILE
 from tasks.frame import stage_command
 from tasks.learning import distributed
-from tasks.learning.train import DeviceData, Resume, Shard, evaluate, fit
-from tasks.models.classifier import Classifier, build_classifier, save_checkpoint
+from tasks.learning.mlm import MaskedLm, MaskedTokens, unigram_accuracy
+from tasks.learning.train import (
+    SUPERVISED,
+    DeviceData,
+    Resume,
+    Shard,
+    eval_batch_size,
+    evaluate,
+    fit,
+)
+from tasks.models.classifier import (
+    Classifier,
+    build_classifier,
+    reset_parameters,
+    save_checkpoint,
+)
+from tasks.models.errors import CheckpointError
 from tasks.models.shapes import architecture, check_targets_fit
 from tasks.recording.lineage import MD5_TAG, input_tags, md5
 from tasks.recording.recorder import Recorder, stage_tags
@@ -58,8 +75,15 @@ def _pretrain(
     source = layout.prepared("source")
     meta = load_meta(source)
     train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
-    arch = architecture(params.model, tuple(meta["input_shape"]))
+    if params.model.backbone == "pretrained":
+        return _off_the_shelf(params, layout, recorder, meta, shard)
+    arch = architecture(params.model, tuple(meta["input_shape"]), meta.get("tokens"))
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
+    # what trains: the classifier itself, or its encoder under BERT's prediction head (MLM)
+    trained, objective = model, SUPERVISED
+    if cfg.objective == "mlm":
+        trained, objective = _masked_lm(model, meta["tokens"], cfg)
+        trained.to(device)
 
     shipped_test = meta["test_source"] == "shipped"  # the source's own test split, if any
     inputs = [source / f"{split}.npz" for split in ("train", "val", "test")[: 2 + shipped_test]]
@@ -77,8 +101,8 @@ def _pretrain(
             layout.pretrain_state, contracts.fingerprint("pretrain", params, layout.root)
         )
         result = fit(
-            model,
-            [{"params": model.parameters(), "lr": cfg.lr}],
+            trained,
+            [{"params": trained.parameters(), "lr": cfg.lr}],
             train,
             val,
             cfg,
@@ -87,14 +111,20 @@ def _pretrain(
             resume=resume,
             shard=shard,
             compile_model=params.runtime.compile,
+            objective=objective,
         )
         summary = {
-            "val_acc": result.best_val_acc,
-            "val_loss": evaluate(model, val, 1024)["loss"],
+            "val_acc": result.best_val_acc,  # MLM: of the masked tokens
+            "val_loss": evaluate(trained, val, eval_batch_size(cfg), objective)["loss"],
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
         }
-        if shipped_test:  # scored once, after training: how good the backbone is at its task
+        if cfg.objective == "mlm":  # what guessing the commonest token scores
+            train_ids = train.x.cpu().numpy()
+            summary["val_unigram_acc"] = unigram_accuracy(
+                objective, train_ids, val, eval_batch_size(cfg)
+            )
+        elif shipped_test:  # scored once, after training: how good the backbone is at its task
             test = DeviceData.from_arrays(load_split(source, "test"), device)
             summary["test_acc"] = evaluate(model, test, 1024)["acc"]
         if shard.rank == 0:
@@ -103,6 +133,52 @@ def _pretrain(
         "pretrained backbone: val acc %.4f at epoch %d", summary["val_acc"], result.best_epoch
     )
     return summary
+
+
+def _off_the_shelf(
+    params: Params, layout: Layout, recorder: Recorder, meta: dict, shard: Shard
+) -> dict[str, float]:
+    """An off-the-shelf encoder in place of pretraining: its weights become the checkpoint
+    (with a fresh head for the source's classes), and the run records where they came from.
+    They must be the very weights `prepare` took the tokenizer and hash from."""
+    from tasks.models.pretrained import PretrainedEncoder, read_pretrained_dir  # slow import
+
+    path = params.model.pretrained_path
+    weights = read_pretrained_dir(path)
+    expected = meta["pretrained"]["sha256"]
+    if weights.weights_sha256 != expected:
+        raise CheckpointError(
+            f"{path}: its {weights.weights_file} changed since `prepare` read it (sha256 "
+            f"{weights.weights_sha256}, prepared with {expected}); run prepare again"
+        )
+    arch = {"name": "pretrained", "config": weights.config, "pad_id": weights.pad_id}
+    model = build_classifier(arch, meta["num_classes"], seed=params.pretrain.seed)
+    model.backbone = PretrainedEncoder.from_files(weights)
+    origin = {"pretrained_path": str(path), "weights_sha256": weights.weights_sha256}
+    inputs = [path / weights.weights_file]
+    with recorder.child("pretrain", tags=stage_tags("pretrain"), inputs=inputs) as stage:
+        stage.log(params={**origin, "weights_file": weights.weights_file})
+        summary = {"epochs_run": 0}  # nothing trained here
+        if shard.rank == 0:
+            _write(params, layout, model, meta, summary, stage, inputs)
+    log.info("off-the-shelf backbone from %s (sha256 %s)", path, weights.weights_sha256)
+    return summary
+
+
+def _masked_lm(
+    model: Classifier, tokens: dict, cfg: PretrainParams
+) -> tuple[MaskedLm, MaskedTokens]:
+    """The classifier's encoder under a seeded MLM head, and the objective that trains it."""
+    masked_lm = MaskedLm(model.backbone, tokens["vocab_size"])
+    reset_parameters(masked_lm.head, torch.Generator().manual_seed(cfg.seed))
+    objective = MaskedTokens(
+        cfg.mask_prob,
+        tokens["mask_id"],
+        tokens["vocab_size"],
+        tuple(tokens["special_ids"]),
+        cfg.seed,
+    )
+    return masked_lm, objective
 
 
 def _write(
@@ -116,12 +192,18 @@ def _write(
 ) -> None:
     """Rank 0's part: write the checkpoint and its metrics (`inputs`: the source files read),
     record it in MLflow and register it."""
+    tokenizer = layout.prepared("source") / TOKENIZER_FILE  # texts only
     save_checkpoint(
         layout.checkpoint,
         model,
-        params={"model": params.model.model_dump(), "pretrain": params.pretrain.model_dump()},
+        params={
+            "model": params.model.model_dump(mode="json"),
+            "pretrain": params.pretrain.model_dump(mode="json"),
+        },
         source_meta=meta,
         metrics=summary,
+        # what turns texts into the ids it reads, so that the checkpoint is all one needs
+        **({"tokenizer": tokenizer.read_text()} if "tokens" in meta else {}),
     )
     files.write_json(layout.checkpoint_meta, summary)  # for `dvc metrics show`
     layout.pretrain_state.unlink(missing_ok=True)  # done: the next run starts afresh
@@ -134,7 +216,7 @@ def _write(
         model.cpu(),
         load_split(layout.prepared("source"), "val").x[:2],
         params.registered_model,
-        tags={**data, **written, "val_acc": f"{summary['val_acc']:.6f}"},
+        tags={**data, **written, **{k: f"{summary[k]:.6f}" for k in ("val_acc",) if k in summary}},
         content=md5(layout.checkpoint),  # an unchanged checkpoint keeps its version
         description=_describe(params, meta, summary, data),
     )
@@ -151,6 +233,12 @@ def _describe(params: Params, meta: dict, summary: dict[str, float], data: dict[
         if key in summary
     )
     files_read = "; ".join(f"{k.removeprefix(MD5_TAG)} md5 {v}" for k, v in data.items())
+    if "pretrained" in meta:
+        origin = meta["pretrained"]
+        return (
+            f"Off-the-shelf encoder from {origin['path']} (weights sha256 {origin['sha256']}), "
+            f"not trained here. Data: {files_read}."
+        )
     return (
         f"{params.model.backbone} backbone pretrained on {spec.get('path') or spec['kind']} "
         f"(classes {', '.join(map(str, meta['classes']))}): {scores}. Data: {files_read}."

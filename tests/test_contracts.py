@@ -360,16 +360,19 @@ def leaf_keys(model: BaseModel, path: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """The params keys each stage reads, run in order on the tiny params (every strategy,
-    several targets), each stage with its own recording stand-in."""
-    layout = Layout(tmp_path_factory.mktemp("workspace"))
-    found = {}
-    for stage in STAGES:
-        function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
-        recorded = Reads()
-        params = Tracked(tiny_params, "", recorded)
-        for target in tiny_params.targets if stage in PER_TARGET else [None]:
-            function(params, *([target] if target else []), layout, NoRecorder())
-        found[stage] = recorded.keys
+    several targets), and again on the tiny text study's (its branches: tokenizer, encoder),
+    each stage with its own recording stand-in."""
+    text_params = load_params(REPO / "tests" / "params.text.tiny.yaml")
+    found: dict[str, set[str]] = {stage: set() for stage in STAGES}
+    for study in (tiny_params, text_params):
+        layout = Layout(tmp_path_factory.mktemp("workspace"))
+        for stage in STAGES:
+            function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
+            recorded = Reads()
+            params = Tracked(study, "", recorded)
+            for target in study.targets if stage in PER_TARGET else [None]:
+                function(params, *([target] if target else []), layout, NoRecorder())
+            found[stage] |= recorded.keys
     return found
 
 

@@ -23,6 +23,12 @@ SHAPES = {  # what input shapes each backbone's pretrained input layer takes
     "cnn1d": "The backbone pools over time, so a target may have any length; its input layer "
     "takes the source's channel count.",
     "mlp": "The backbone flattens C x L, so its input layer takes the source's shape only.",
+    "transformer": "Every text is encoded by the tokenizer trained on the source's training "
+    "texts, to the same number of tokens, so the encoder takes every target as it is; its "
+    "features are the mean of its last layer over a text's tokens (padding excluded).",
+    "pretrained": "Every text is encoded by the off-the-shelf encoder's own tokenizer, to the "
+    "same number of tokens; its features are the mean of its last layer over a text's tokens "
+    "(padding excluded).",
 }
 
 
@@ -43,16 +49,19 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
     names as stored."""
     lines = []
     for name, (spec, key) in datasets(params).items():
-        origin = (
-            f"`{spec.path}` (md5 {md5(spec.path)})"
-            if spec.path is not None
-            else f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
-        )
+        if spec.kind == "fortunes":
+            cipher = f", letters enciphered (seed {spec.cipher_seed})" if spec.cipher_seed else ""
+            origin = f"Debian's fortune files in `{spec.fortunes_dir}`{cipher}"
+        elif spec.path is not None:
+            origin = f"`{spec.path}` (md5 {md5(spec.path)})"
+        else:
+            origin = f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
         meta = load_meta(layout.prepared(name))
         classes = ", ".join(f"`{c}`" for c in meta["classes"])
         shape = "x".join(map(str, meta["input_shape"]))
+        shape = f"tokens {shape}" if spec.modality == "text" else f"(C, L) {shape}"
         sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
-        lines.append(f"- `{key}`: {origin}; (C, L) {shape}; {sizes}; classes {classes}")
+        lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}")
     return lines
 
 
@@ -210,9 +219,10 @@ def render(
         "- **Strategies.** `scratch`: random init, same architecture. `linear_probe`: "
         "L2-regularised logistic regression on the frozen features (L-BFGS). `finetune`: all "
         f"layers from the pretrained weights, the backbone at {cfg.backbone_lr_scale:g} x the "
-        "head's learning rate. `lp_ft`: the probe's solution as the head, then `finetune` "
-        f"(Kumar et al. 2022). `partial`: `finetune` with the first {cfg.freeze_blocks} "
-        "backbone block(s) frozen.",
+        f"head's learning rate, times {cfg.layer_decay:g} per block down from the head "
+        "(layer-wise decay; 1: none). `lp_ft`: the probe's solution as the head, then "
+        f"`finetune` (Kumar et al. 2022). `partial`: `finetune` with the first "
+        f"{cfg.freeze_blocks} backbone block(s) frozen (and a text encoder's embeddings).",
         f"- **Tuning budget.** Every network strategy, scratch included, tries learning rates "
         f"{cfg.lrs} with Adam, early stopping on validation accuracy (patience "
         f"{cfg.patience}, at most {cfg.max_epochs} epochs); the probe tries L2 strengths "

@@ -22,6 +22,7 @@ from tasks.data.datasets import (
 )
 from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.data.npz import listed, read_npz, sorted_labels
+from tasks.data.text import read_fortunes, read_text_table
 
 SOURCE = "source"  # the pretraining dataset's name: it needs no test split of its own
 TestSource = Literal["shipped", "cut", "none"]
@@ -29,7 +30,8 @@ TestSource = Literal["shipped", "cut", "none"]
 
 @dataclass(frozen=True)
 class BuiltDataset:
-    splits: dict[str, Labelled]  # train, val, and test unless test_source is "none"
+    splits: dict[str, Labelled]  # train, val, and test unless test_source is "none"; x: (N, C, L)
+    # signals, or (N,) texts until `prepare` makes them (N, max_tokens) token ids
     classes: list[int | str]  # the original label of each class index 0..K-1
     test_source: TestSource  # the test split: shipped with the data, cut from it, or none
 
@@ -75,6 +77,8 @@ def _mnist1d(spec: DatasetSpec, key: str) -> RawDataset:
 SOURCES: dict[str, Callable[[DatasetSpec, str], RawDataset]] = {
     "mnist1d": _mnist1d,
     "npz": read_npz,
+    "text": read_text_table,
+    "fortunes": read_fortunes,
 }
 
 
@@ -134,13 +138,17 @@ def datasets(params: Params) -> dict[str, tuple[DatasetSpec, str]]:
     return named | {name: (spec, f"targets.{name}") for name, spec in params.targets.items()}
 
 
-def check_user_data(params: Params) -> dict[str, tuple[int, int]]:
+def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
     """Read and check every user data file as `prepare` will, writing nothing: the pre-flight
-    check before a run. Returns each dataset's input shape (C, L); built-in generators are not
-    run (they cost real time): their shape follows from their params."""
+    check before a run. Returns each dataset's input shape, (C, L) or (max_tokens,) for texts;
+    built-in generators are not run (they cost real time): their shape follows from their
+    params."""
     shapes = {}
     for name, (spec, key) in datasets(params).items():
-        if spec.path is not None:
+        if spec.modality == "text":  # cheap to read: the fortunes are read, too
+            build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            shapes[name] = (params.text.max_tokens,)
+        elif spec.path is not None:
             built = build_splits(spec, params.split, key, cut_test=cuts_test(name))
             shapes[name] = built.input_shape
         else:

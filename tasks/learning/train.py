@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -61,21 +62,56 @@ def autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+class Objective(Protocol):
+    """What a batch asks of the model: `inputs(x, y, key)` gives the model's arguments and the
+    targets its logits (n, K) are scored against by cross-entropy. `key` (non-negative ints)
+    names the batch, for objectives that draw at random: the same key, the same draw."""
+
+    def inputs(
+        self, x: torch.Tensor, y: torch.Tensor, key: tuple[int, ...]
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]: ...
+
+
+class Supervised:
+    """Classification: the model's logits (B, K) for the examples against their labels (B,)."""
+
+    def inputs(
+        self, x: torch.Tensor, y: torch.Tensor, key: tuple[int, ...]
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        return (x,), y
+
+
+SUPERVISED = Supervised()
+TRAIN_KEY, EVAL_KEY = 0, 1  # batch keys: (TRAIN_KEY, epoch, start) and (EVAL_KEY, start)
+
+
+def eval_batch_size(cfg: TrainParams) -> int:
+    """Validation's batch: large (no gradients), and fixed, since an MLM draw depends on it."""
+    return max(cfg.batch_size, 1024)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, batch_size: int) -> dict[str, float]:
-    """Mean cross-entropy and accuracy over `data`; one host sync at the end."""
+def evaluate(
+    model: nn.Module, data: DeviceData, batch_size: int, objective: Objective = SUPERVISED
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy over `data`'s targets (its labels, or the tokens an MLM
+    objective masks: the same ones at every call); one host sync at the end."""
     model.eval()
-    loss_sum = torch.zeros((), device=data.y.device)
-    correct = torch.zeros((), device=data.y.device, dtype=torch.int64)
+    device = data.y.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count = torch.zeros((), device=device, dtype=torch.int64)
     for start in range(0, len(data), batch_size):
         x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+        inputs, targets = objective.inputs(x, y, (EVAL_KEY, start))
         with autocast(x.device):
-            logits = model(x).float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    loss, count = torch.stack([loss_sum, correct.float()]).tolist()
+            logits = model(*inputs).float()  # (n, K)
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum")
+        correct += (logits.argmax(1) == targets).sum()
+        count += len(targets)
+    loss, hits, n = torch.stack([loss_sum, correct.double(), count.double()]).tolist()
     # the accuracy as an exact count / N in float64 (0.2733..., not float32's 0.27333334)
-    return {"loss": loss / len(data), "acc": count / len(data)}
+    return {"loss": loss / n, "acc": hits / n}
 
 
 @dataclass(frozen=True)
@@ -154,6 +190,7 @@ def fit(
     resume: Resume | None = None,
     shard: Shard = Shard(),
     compile_model: bool = False,
+    objective: Objective = SUPERVISED,
 ) -> FitResult:
     """Train with Adam until validation accuracy stops improving for `cfg.patience` epochs, and
     keep the best epoch's weights; with `val` None, train `cfg.max_epochs` and keep the last.
@@ -164,13 +201,14 @@ def fit(
 
     With a `shard` of several ranks, this process trains on its share of each batch and the
     ranks' gradients are averaged; rank 0 alone reads a saved state (and hands it to the
-    others) and writes one. `compile_model` trains through `torch.compile(model)`.
+    others) and writes one. `compile_model` trains through `torch.compile(model)`. The
+    `objective` says what a batch feeds the model and scores (default: its labels).
     """
     device = train.y.device
     order_rng = torch.Generator().manual_seed(seed)  # this run's own data order
     optimizer = torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
     best_score: tuple[float, float] = (-1.0, -float("inf"))  # (val acc, -val loss): maximise
-    best_state, best_epoch, history = None, -1, []
+    best_state, best_epoch, history, epoch_ends = None, -1, [], []
     # rank 0's saved state, on every rank: only rank 0 writes it, maybe on its own machine
     saved = shard.from_rank0(_load_state(resume) if shard.rank == 0 else None)
     if saved is not None:
@@ -193,9 +231,12 @@ def fit(
         for start in range(0, len(train), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             index = shard.take(batch)
+            inputs, targets = objective.inputs(
+                train.x[index], train.y[index], (TRAIN_KEY, epoch, start)
+            )
             with amp:
-                logits = trained(train.x[index]).float()
-            loss = shard.loss(logits, train.y[index], len(batch))
+                logits = trained(*inputs).float()
+            loss = shard.loss(logits, targets, len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -203,12 +244,14 @@ def fit(
 
         metrics = {"train/loss": shard.total(loss_sum).item() / len(train)}
         if val is not None:
-            scores = shard.agree(evaluate(model, val, max(cfg.batch_size, 1024)), device)
+            scores = evaluate(model, val, eval_batch_size(cfg), objective)
+            scores = shard.agree(scores, device)
             metrics |= {"val/loss": scores["loss"], "val/acc": scores["acc"]}
             if (scores["acc"], -scores["loss"]) > best_score:
                 best_score, best_epoch = (scores["acc"], -scores["loss"]), epoch
                 best_state = copy.deepcopy(model.state_dict())
         history.append(metrics)
+        epoch_ends.append(time.time())
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if resume is not None and shard.rank == 0:
@@ -226,9 +269,9 @@ def fit(
                 },
             )
     if val is None:
-        return FitResult(len(history) - 1, float("nan"), float("nan"), history)
+        return FitResult(len(history) - 1, float("nan"), float("nan"), history, epoch_ends)
     model.load_state_dict(best_state)
-    return FitResult(best_epoch, best_score[0], -best_score[1], history)
+    return FitResult(best_epoch, best_score[0], -best_score[1], history, epoch_ends)
 
 
 def _load_state(resume: Resume | None) -> dict | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from tasks.models.errors import CheckpointError
 from tasks.models.shapes import input_args
+from tasks.models.transformer import TextEncoder, seeded_init
 from tasks.workspace import files
 
 CHECKPOINT_FORMAT = 2  # 2: cnn1d pools over time (format 1 flattened)
@@ -61,10 +62,27 @@ class Mlp(nn.Module):
         return x
 
 
+def _pretrained_encoder(arch: dict[str, Any]) -> nn.Module:
+    from tasks.models.pretrained import PretrainedEncoder  # transformers: a slow import
+
+    return PretrainedEncoder(arch["config"], arch["pad_id"])
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "cnn1d": lambda a: Cnn1d(a["in_channels"], a["channels"], a["kernel_size"]),
     "mlp": lambda a: Mlp(a["in_channels"], a["length"], a["hidden"]),
+    "transformer": lambda a: TextEncoder(
+        *(a[k] for k in ("vocab_size", "width", "layers", "heads", "ff_width", "max_tokens")),
+        pad_id=a["pad_id"],
+    ),
+    "pretrained": _pretrained_encoder,  # arch: the encoder's Hugging Face config and pad id
 }
+
+
+# backbones whose fine-tuning runs train as one vectorised ensemble (tasks/learning/ensemble.py):
+# small networks whose steps are bound by per-operation overhead. Text encoders train one run
+# after another: stacked, their steps took 1.2x as long on CPU (bench/text_ensemble.py).
+VECTORISED = frozenset({"cnn1d", "mlp"})
 
 
 class Classifier(nn.Module):
@@ -85,13 +103,15 @@ class Classifier(nn.Module):
         return self.head(self.features(x))  # (B, num_classes) logits
 
 
-def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
+def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
     """PyTorch's default init of Linear and Conv1d layers, drawn from `generator` instead of the
     process-wide RNG: that one is shared by every thread (Prefect runs tasks in a thread pool),
     so a draw elsewhere would change the weights."""
     for module in model.modules():
         own = list(module.parameters(recurse=False))
         if not own:
+            continue
+        if seeded_init(module, generator):  # embeddings, norms, attention (and its out_proj)
             continue
         if not isinstance(module, nn.Linear | nn.Conv1d):
             raise TypeError(f"no seeded init for {type(module).__name__}; add it here")
@@ -102,10 +122,33 @@ def _reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
             nn.init.uniform_(module.bias, -bound, bound, generator=generator)
 
 
+def freeze_lower(model: Classifier, blocks: int) -> None:
+    """Freeze the backbone's lowest `blocks` blocks, and a text encoder's input embeddings."""
+    if blocks and hasattr(model.backbone, "embed"):
+        model.backbone.embed.requires_grad_(False)
+    model.backbone.blocks[:blocks].requires_grad_(False)
+
+
+def depth_below_head(model: Classifier) -> dict[str, int]:
+    """Each parameter's distance from the head, in blocks: 0 for the head, 1 for the top
+    backbone block, ..., n for the lowest of n, n + 1 for a text encoder's input embeddings
+    (the numbering of layer-wise learning-rate decay, as in BEiT and ELECTRA)."""
+    blocks = model.backbone.blocks
+    by_param = {
+        id(p): len(blocks) - i for i, block in enumerate(blocks) for p in block.parameters()
+    }
+    if hasattr(model.backbone, "embed"):
+        by_param |= {id(p): len(blocks) + 1 for p in model.backbone.embed.parameters()}
+    return {
+        name: by_param.get(id(p), 1 if name.startswith("backbone.") else 0)
+        for name, p in model.named_parameters()
+    }
+
+
 def build_classifier(arch: dict[str, Any], num_classes: int, seed: int) -> Classifier:
     """A freshly initialised classifier; the same seed gives the same weights in any thread."""
     model = Classifier(BACKBONES[arch["name"]](arch), num_classes, arch)
-    _reset_parameters(model, torch.Generator().manual_seed(seed))
+    reset_parameters(model, torch.Generator().manual_seed(seed))
     return model
 
 

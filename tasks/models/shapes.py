@@ -1,31 +1,44 @@
 """What shape of input a backbone takes, without building one (no torch here: the pre-flight
 check uses it before any heavy import). The first layer is the only one whose shape depends on
 the input's: cnn1d takes any length (it pools over time) but a fixed channel count, mlp a fixed
-C x L. A target it cannot take gets a fresh input layer (tasks.models.classifier)."""
+C x L. A target it cannot take gets a fresh input layer (tasks.models.classifier). Text encoders
+take any text of the study: every dataset is encoded by one tokenizer to one length."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from tasks.config.params import ModelParams
+from tasks.config.params import TEXT_BACKBONES, ModelParams
 from tasks.data.datasets import DataError
 
 
-def input_args(backbone: str, input_shape: tuple[int, int]) -> dict[str, int]:
+def input_args(backbone: str, input_shape: tuple[int, ...]) -> dict[str, int]:
     """The architecture's args that depend on the input's shape (C, L): the first layer's."""
+    if backbone in TEXT_BACKBONES:
+        return {}
     in_channels, length = input_shape
     if backbone == "cnn1d":
         return {"in_channels": in_channels}  # any length: it pools over time
     return {"in_channels": in_channels, "length": length}  # mlp: it flattens C x L
 
 
-def architecture(model: ModelParams, input_shape: tuple[int, int]) -> dict[str, Any]:
-    """The args that rebuild a backbone; stored in every checkpoint."""
+def architecture(
+    model: ModelParams, input_shape: tuple[int, ...], tokens: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The args that rebuild a backbone; stored in every checkpoint. Our transformer's also
+    depend on the token ids (`tokens`: a text dataset's meta, see tasks/data/tokens.py); the
+    pretrained encoder's come from its own directory, in `pretrain`."""
     arch: dict[str, Any] = {"name": model.backbone, **input_args(model.backbone, input_shape)}
     if model.backbone == "cnn1d":
         arch |= {"channels": list(model.channels), "kernel_size": model.kernel_size}
-    else:
+    elif model.backbone == "mlp":
         arch |= {"hidden": list(model.hidden)}
+    elif model.backbone == "transformer":
+        arch |= {
+            **{"width": model.width, "layers": model.layers, "heads": model.heads},
+            **{"ff_width": model.ff_width, "max_tokens": input_shape[0]},
+            **{"vocab_size": tokens["vocab_size"], "pad_id": tokens["pad_id"]},
+        }
     return arch
 
 
@@ -64,6 +77,8 @@ def transfer_note(arch: dict[str, Any], target: str, shape: tuple[int, int]) -> 
 def check_targets_fit(model: ModelParams, shapes: dict[str, tuple[int, int]]) -> list[str]:
     """Before pretraining (pre-flight, and the pretrain stage): `transfer_note` for every target.
     `shapes`: (C, L) of every dataset, "source" included."""
+    if model.modality == "text":
+        return []  # one tokenizer, one length: every text fits
     arch = architecture(model, shapes["source"])
     notes = [
         transfer_note(arch, name, shape) for name, shape in shapes.items() if name != "source"

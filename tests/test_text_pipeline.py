@@ -1,0 +1,179 @@
+"""Texts through the same five stages: the tiny text study through Prefect and `dvc repro`, MLM
+pretraining, layer-wise learning-rate decay, and a bad table refused as a user meets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from tasks.config.params import FinetuneParams, ModelParams, load_params
+from tasks.finetune import rate_scales
+from tasks.models.classifier import build_classifier, load_checkpoint
+from tasks.models.shapes import architecture
+from tests.helpers import (
+    REPO,
+    make_workspace,
+    one_line_error,
+    results_digest,
+    run_command,
+)
+
+pytestmark = pytest.mark.slow
+TEXT_TINY = REPO / "tests" / "params.text.tiny.yaml"
+PARENT = "mlflow.parentRunId"
+
+
+def _run(workspace: Path, command: list[str], prefect_home: Path) -> None:
+    result = run_command(
+        ["python", *command],
+        cwd=workspace,
+        env={
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+            "PREFECT_HOME": str(prefect_home),
+        },
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (workspace / "run.log").write_text(result.stdout + result.stderr)
+
+
+@pytest.fixture(scope="module")
+def text_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny text study, once through the Prefect flow and once through `dvc repro`."""
+    root = tmp_path_factory.mktemp("text")
+    done = {}
+    for name, command in [
+        ("prefect", ["-m", "flows.pipeline", "--params", "params.yaml"]),
+        ("dvc", ["-m", "dvc", "repro"]),
+    ]:
+        done[name] = make_workspace(root / name, TEXT_TINY)
+        _run(done[name], command, root / "prefect-home")
+    return done
+
+
+def test_both_orchestrators_give_identical_text_results(text_runs) -> None:
+    prefect, dvc = results_digest(text_runs["prefect"]), results_digest(text_runs["dvc"])
+    assert {"data/results/near.csv", "data/results/ciphered.csv"} <= prefect.keys()
+    assert prefect == dvc
+    table = pd.read_csv(text_runs["dvc"] / "reports" / "comparison.csv")
+    assert set(table["strategy"]) == {"scratch", "linear_probe", "finetune", "lp_ft", "partial"}
+    assert table["test_acc_mean"].between(0, 1).all()
+
+
+def test_text_records_nest_like_the_time_series_study(text_runs) -> None:
+    workspace = text_runs["prefect"]
+    params = load_params(workspace / "params.yaml")
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(params.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    levels = {r.info.run_id: r.data.tags.get("level") for r in runs}
+    parent_level = {
+        r.data.tags["level"]: levels.get(r.data.tags.get(PARENT)) for r in runs
+    }
+    assert parent_level == {
+        "execution": None,
+        "stage": "execution",
+        "budget": "stage",
+        "seed": "budget",
+    }
+
+
+def test_checkpoint_carries_its_tokenizer(text_runs) -> None:
+    """The registered backbone is all one needs: the ids it reads come from the tokenizer in it."""
+    from tokenizers import Tokenizer
+
+    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "backbone.pt")
+    assert payload["arch"]["name"] == "transformer"
+    tokenizer = Tokenizer.from_str(payload["tokenizer"])
+    assert tokenizer.get_vocab_size() == payload["arch"]["vocab_size"]
+    saved = (text_runs["dvc"] / "data" / "prepared" / "source" / "tokenizer.json").read_text()
+    assert payload["tokenizer"] == saved
+
+
+def test_mlm_beats_the_unigram_guess(tmp_path: Path) -> None:
+    """A short masked-language pretraining on the tiny corpus predicts masked tokens far better
+    than always guessing the commonest token: it learnt from context."""
+    workspace = make_workspace(tmp_path / "mlm", TEXT_TINY)
+    overrides = [
+        *("--set", "pretrain.objective=mlm", "--set", "pretrain.max_epochs=30"),
+        *("--set", "pretrain.patience=30", "--set", "source.max_per_class=120"),
+        *("--set", "model.width=32", "--set", "model.ff_width=64"),
+    ]
+    for stage in ("prepare", "pretrain"):
+        _run(workspace, ["-m", f"tasks.{stage}", *overrides], tmp_path / "prefect-home")
+    summary = pd.read_json(workspace / "data" / "checkpoints" / "backbone.json", typ="series")
+    assert summary["val_acc"] > 1.5 * summary["val_unigram_acc"] > 0, summary.to_dict()
+
+
+def test_layer_decay_multiplies_the_rate_per_block_down_from_the_head() -> None:
+    model_params = ModelParams(backbone="transformer", width=8, layers=3, heads=2, ff_width=16)
+    arch = architecture(model_params, (12,), {"vocab_size": 50, "pad_id": 0})
+    model = build_classifier(arch, num_classes=3, seed=0)
+    cfg = FinetuneParams(backbone_lr_scale=0.5, layer_decay=0.8)
+    scales = rate_scales(model, cfg, transfer=True)
+    assert scales["head.weight"] == scales["head.bias"] == 1.0
+    for name, scale in scales.items():
+        if name.startswith("backbone.blocks."):
+            depth = 3 - int(name.split(".")[2])  # the top block (2) is one below the head
+            assert scale == pytest.approx(0.5 * 0.8**depth), name
+        elif name.startswith("backbone.embed."):
+            assert scale == pytest.approx(0.5 * 0.8**4), name
+    assert any(n.startswith("backbone.embed.") for n in scales)
+    assert set(rate_scales(model, cfg, transfer=False).values()) == {1.0}  # scratch
+
+
+def test_partial_freezes_the_embeddings_and_the_lowest_layers() -> None:
+    from tasks.models.classifier import freeze_lower
+
+    model_params = ModelParams(backbone="transformer", width=8, layers=3, heads=2, ff_width=16)
+    arch = architecture(model_params, (12,), {"vocab_size": 50, "pad_id": 0})
+    model = build_classifier(arch, num_classes=3, seed=0)
+    freeze_lower(model, 2)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("backbone.embed.", "backbone.blocks.0.", "backbone.blocks.1.")) for n in frozen)
+    assert any(n.startswith("backbone.embed.") for n in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("backbone.blocks.2.", "head.")))
+
+
+def test_a_table_without_its_text_column_is_refused_in_one_line(tmp_path: Path) -> None:
+    """As a user meets it: through `python -m flows.pipeline`, before any work, one line naming
+    the file and the key, and a non-zero exit."""
+    workspace = make_workspace(tmp_path / "ws", TEXT_TINY)
+    table = workspace / "data" / "raw" / "reviews.csv"
+    pd.DataFrame({"review": ["good film", "bad film"] * 10, "label": [1, 0] * 10}).to_csv(
+        table, index=False
+    )
+    result = run_command(
+        [
+            *("python", "-m", "flows.pipeline", "--params", "params.yaml"),
+            *("--set", "targets.near={kind: text, path: data/raw/reviews.csv}"),
+        ],
+        cwd=workspace,
+        env={
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        },
+    )
+    assert result.returncode != 0
+    line = one_line_error(result)
+    assert "reviews.csv" in line and "text" in line and "targets.near.text_column" in line
+    assert "Traceback" not in result.stderr
+    assert not (workspace / "data" / "prepared").exists()  # refused before any work
+
+
+def test_scratch_and_transfer_share_the_architecture(text_runs) -> None:
+    """scratch is the same network, randomly initialised: same parameter names and shapes."""
+    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "backbone.pt")
+    scratch = build_classifier(payload["arch"], num_classes=3, seed=0)
+    shapes = {k: v.shape for k, v in payload["state_dict"].items() if k.startswith("backbone.")}
+    assert shapes == {
+        k: v.shape for k, v in scratch.state_dict().items() if k.startswith("backbone.")
+    }
+    assert not all(
+        torch.equal(payload["state_dict"][k], v)
+        for k, v in scratch.state_dict().items()
+        if k.startswith("backbone.")
+    )
