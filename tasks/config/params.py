@@ -210,9 +210,11 @@ class ModelParams(_Frozen):
 class TextParams(_Frozen):
     """How texts become token ids in `prepare` (text kinds only)."""
 
-    # trained on the source's training texts with Hugging Face tokenizers; with
-    # model.backbone pretrained, the encoder's own tokenizer is used instead
-    tokenizer: Literal["wordpiece", "bpe"] = "wordpiece"
+    # BPE, trained on the source's training texts with Hugging Face tokenizers; with
+    # model.backbone pretrained, the encoder's own tokenizer is used instead. WordPiece is not
+    # offered: its trainer gives another vocabulary in each process (huggingface/tokenizers
+    # #1794, open), so the same params would not give the same numbers
+    tokenizer: Literal["bpe"] = "bpe"
     vocab_size: Annotated[int, Field(ge=100)] = 4000
     max_tokens: Annotated[int, Field(ge=4, le=512)] = 64  # longer texts are truncated
     lowercase: bool = True

@@ -2,8 +2,9 @@
 into (N, max_tokens) int64 ids, `[CLS] text [SEP]` then `[PAD]` up to the fixed length (longer
 texts are cut). Later stages read only these ids.
 
-The tokenizer is trained with Hugging Face `tokenizers` (WordPiece or BPE) on the source's
-training texts alone: the targets' texts, and every validation and test text, shape nothing. With
+The tokenizer is trained with Hugging Face `tokenizers` (byte-pair encoding: its trainer is
+deterministic, WordPiece's is not, huggingface/tokenizers#1794) on the source's training texts
+alone: the targets' texts, and every validation and test text, shape nothing. With
 an off-the-shelf encoder (model.backbone pretrained), its own tokenizer is used instead. Either
 way it is written beside the source's splits, `data/prepared/source/tokenizer.json`, and
 pretraining puts it into the checkpoint.
@@ -25,18 +26,12 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def train_tokenizer(texts: np.ndarray, cfg: TextParams) -> Tokenizer:
-    """A WordPiece or BPE tokenizer trained on `texts` (N,) str, with BERT's normalisation and
+    """A BPE tokenizer trained on `texts` (N,) str, with BERT's normalisation and
     pre-tokenisation (split on whitespace and punctuation) and the [CLS] ... [SEP] template."""
-    if cfg.tokenizer == "wordpiece":
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=list(SPECIALS), show_progress=False
-        )
-    else:
-        tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
-        trainer = trainers.BpeTrainer(
-            vocab_size=cfg.vocab_size, special_tokens=list(SPECIALS), show_progress=False
-        )
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=list(SPECIALS), show_progress=False
+    )
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=cfg.lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.train_from_iterator(texts.tolist(), trainer)
@@ -61,7 +56,7 @@ def describe(tokenizer: Tokenizer, pad_id: int, kind: str) -> dict[str, Any]:
     """What later stages need to know of the ids (kept in every text dataset's meta.json)."""
     specials = [tokenizer.token_to_id(t) for t in SPECIALS]
     return {
-        "tokenizer": kind,  # wordpiece, bpe, or pretrained (the encoder's own)
+        "tokenizer": kind,  # bpe, or pretrained (the encoder's own)
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": pad_id,
         "mask_id": tokenizer.token_to_id("[MASK]"),
