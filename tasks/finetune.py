@@ -49,6 +49,7 @@ from tasks.models.classifier import (
     load_checkpoint,
     pretrained_classifier,
 )
+from tasks.models.frozen import UpperBlocks, frozen_states
 from tasks.recording.grid import GridRecords
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import contracts, files
@@ -172,6 +173,23 @@ def rate_scales(model: Classifier, cfg: FinetuneParams, transfer: bool) -> dict[
     }
 
 
+def _inputs_from_frozen(
+    data: TargetData, starts: dict[int, Start], frozen: int, device: torch.device
+) -> dict[str, Labelled]:
+    """What a budget's runs read: the target's inputs, or, for a text encoder with frozen lower
+    blocks, their output computed once (tasks/models/frozen.py); the starts then run the
+    blocks above from it. The frozen weights are the pretrained ones, the same at every seed."""
+    encoder = next(iter(starts.values())).model.backbone
+    if not frozen or not hasattr(encoder, "upper"):
+        return data.inputs
+    for begin in starts.values():
+        begin.model.backbone = UpperBlocks(begin.model.backbone, frozen)
+    return {
+        split: Labelled(frozen_states(encoder.to(device), part.x, frozen, device), part.y)
+        for split, part in data.inputs.items()
+    }
+
+
 def _network(
     start: Callable[[TargetData, np.ndarray, FinetuneParams, int], Start],
     transfer: bool = True,
@@ -184,10 +202,11 @@ def _network(
         data: TargetData, subsets: dict[int, np.ndarray], cfg: FinetuneParams, device: torch.device
     ) -> dict[int, Outcome]:
         # every seed x lr of this budget is one member of one vectorised ensemble
-        members, starts = [], {}
+        starts = {seed: start(data, subset, cfg, seed) for seed, subset in subsets.items()}
+        inputs = _inputs_from_frozen(data, starts, frozen_blocks(cfg), device)
+        members = []
         for seed, subset in subsets.items():
-            starts[seed] = start(data, subset, cfg, seed)
-            train = DeviceData.from_arrays(data.inputs["train"].take(subset), device)
+            train = DeviceData.from_arrays(inputs["train"].take(subset), device)
             for lr in cfg.lrs:
                 model = copy.deepcopy(starts[seed].model)
                 freeze_lower(model, frozen_blocks(cfg))
@@ -195,10 +214,10 @@ def _network(
                     param.requires_grad_(param.requires_grad or name in model.fresh)
                 members.append(Member(model, train, lr, seed))
         scales = rate_scales(members[0].model, cfg, transfer)
-        val = DeviceData.from_arrays(data.inputs["val"], device)
+        val = DeviceData.from_arrays(inputs["val"], device)
         vectorise = data.checkpoint["arch"]["name"] in VECTORISED
         fitted = fit_ensemble(members, val, cfg, scales.__getitem__, vectorise)
-        test = DeviceData.from_arrays(data.inputs["test"], device)
+        test = DeviceData.from_arrays(inputs["test"], device)
         outcomes = {}
         for seed in subsets:
             tried = [

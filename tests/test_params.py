@@ -28,6 +28,9 @@ def mutated(tmp_path: Path, edit) -> Path:
     return write(tmp_path, yaml.safe_dump(doc))
 
 
+TEXT_TINY = REPO / "tests" / "params.text.tiny.yaml"
+
+
 def test_shipped_params_files_are_valid() -> None:
     default = load_params(REPO / "params.yaml")
     tiny = load_params(TINY)
@@ -37,8 +40,15 @@ def test_shipped_params_files_are_valid() -> None:
     assert len(default.finetune.fractions) >= 5 and len(default.finetune.seeds) >= 3
     assert default.source.generator.num_samples >= 20000
     # the same schema at both sizes: every section and finetune knob is set explicitly in each
-    assert default.model_fields_set == tiny.model_fields_set == set(type(default).model_fields)
+    # (a study of signals has no texts to tokenise: only the text studies set `text`)
+    sections = set(type(default).model_fields)
+    assert default.model_fields_set == tiny.model_fields_set == sections - {"text"}
     assert default.finetune.model_fields_set == tiny.finetune.model_fields_set
+    text, text_tiny = (load_params(p) for p in (REPO / "params.text.yaml", TEXT_TINY))
+    assert text.model_fields_set == text_tiny.model_fields_set == sections
+    assert text.finetune.model_fields_set == text_tiny.finetune.model_fields_set
+    assert set(text.finetune.strategies) == set(STRATEGIES)
+    assert {text.source.kind, *(t.kind for t in text.targets.values())} == {"fortunes"}
 
 
 def test_params_are_frozen(tiny_params) -> None:
@@ -86,11 +96,11 @@ def test_params_are_frozen(tiny_params) -> None:
         ),
         (
             lambda d: d["source"].update(kind="parquet"),
-            "source.kind: Input should be 'mnist1d' or 'npz'",
+            "source.kind: Input should be 'mnist1d', 'npz', 'text' or 'fortunes'",
         ),
         (
             lambda d: d["model"].update(backbone="resnet"),
-            "model.backbone: Input should be 'cnn1d' or 'mlp'",
+            "model.backbone: Input should be 'cnn1d', 'mlp', 'transformer' or 'pretrained'",
         ),
         (
             lambda d: d["targets"]["shifted"].update(classes=[]),

@@ -70,9 +70,7 @@ def test_text_records_nest_like_the_time_series_study(text_runs) -> None:
     experiment = client.get_experiment_by_name(params.experiment)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     levels = {r.info.run_id: r.data.tags.get("level") for r in runs}
-    parent_level = {
-        r.data.tags["level"]: levels.get(r.data.tags.get(PARENT)) for r in runs
-    }
+    parent_level = {r.data.tags["level"]: levels.get(r.data.tags.get(PARENT)) for r in runs}
     assert parent_level == {
         "execution": None,
         "stage": "execution",
@@ -133,9 +131,16 @@ def test_partial_freezes_the_embeddings_and_the_lowest_layers() -> None:
     model = build_classifier(arch, num_classes=3, seed=0)
     freeze_lower(model, 2)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen and all(n.startswith(("backbone.embed.", "backbone.blocks.0.", "backbone.blocks.1.")) for n in frozen)
+    assert frozen and all(
+        n.startswith(("backbone.embed.", "backbone.blocks.0.", "backbone.blocks.1."))
+        for n in frozen
+    )
     assert any(n.startswith("backbone.embed.") for n in frozen)
-    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(("backbone.blocks.2.", "head.")))
+    assert all(
+        p.requires_grad
+        for n, p in model.named_parameters()
+        if n.startswith(("backbone.blocks.2.", "head."))
+    )
 
 
 def test_a_table_without_its_text_column_is_refused_in_one_line(tmp_path: Path) -> None:
@@ -177,3 +182,23 @@ def test_scratch_and_transfer_share_the_architecture(text_runs) -> None:
         for k, v in scratch.state_dict().items()
         if k.startswith("backbone.")
     )
+
+
+def test_partial_from_frozen_states_is_the_same_network() -> None:
+    """`partial` trains the blocks above the frozen ones from their output computed once: the
+    same logits as the whole network run from the token ids."""
+    from tasks.models.classifier import freeze_lower
+    from tasks.models.frozen import UpperBlocks, frozen_states
+
+    model_params = ModelParams(backbone="transformer", width=16, layers=3, heads=2, ff_width=32)
+    arch = architecture(model_params, (10,), {"vocab_size": 60, "pad_id": 0})
+    model = build_classifier(arch, num_classes=4, seed=3).eval()
+    ids = torch.randint(5, 60, (7, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 6:] = 0  # padding at the end
+    ids[0, 3:] = 0
+    freeze_lower(model, 2)
+    whole = model(ids)
+    packed = torch.from_numpy(frozen_states(model.backbone, ids.numpy(), 2, torch.device("cpu")))
+    assert packed.shape == (7, 10, 17)
+    model.backbone = UpperBlocks(model.backbone, 2)
+    torch.testing.assert_close(model(packed), whole, rtol=1e-5, atol=1e-6)

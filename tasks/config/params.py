@@ -359,9 +359,7 @@ class Params(_Frozen):
             raise ValueError("pretrain.objective mlm runs in one process (pretrain.processes: 1)")
         unlabelled = self.source.kind == "text" and self.source.label_column is None
         if unlabelled and self.pretrain.objective == "supervised":
-            raise ValueError(
-                "source has no label_column: pretrain it with pretrain.objective mlm"
-            )
+            raise ValueError("source has no label_column: pretrain it with pretrain.objective mlm")
         for name, spec in self.targets.items():
             if spec.kind == "text" and spec.label_column is None:
                 raise ValueError(f"targets.{name}.label_column: a target needs labels")

@@ -92,18 +92,38 @@ class PretrainedEncoder(nn.Module):
         _load(encoder, files.state_dict, files.source)
         return encoder
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        keep = ids != self.pad_id  # (B, L)
+    def lower(self, ids: torch.Tensor, blocks: int) -> torch.Tensor:
+        """ids (B, L) -> (B, L, hidden): the states after the embeddings and the lowest
+        `blocks` layers (what `partial` freezes; tasks/models/frozen.py computes them once)."""
         # positions and token types passed in, not read from the model's buffers: a template
         # moved to "meta" for functional_call (tasks/learning/ensemble.py) holds no data
         positions = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)  # (B, L)
-        states = self.model(
-            input_ids=ids,
-            attention_mask=keep.long(),
-            token_type_ids=torch.zeros_like(ids),
-            position_ids=positions,
-        ).last_hidden_state  # (B, L, hidden)
-        return mean_pool(states, keep)  # (B, hidden)
+        states = self.model.embeddings(
+            input_ids=ids, token_type_ids=torch.zeros_like(ids), position_ids=positions
+        )
+        return self._through(self.blocks[:blocks], states, ids != self.pad_id)
+
+    def upper(self, states: torch.Tensor, keep: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The layers above the lowest `blocks`, from their states (B, L, hidden) with keep
+        (B, L) True at tokens, mean pooled -> (B, hidden)."""
+        return mean_pool(self._through(self.blocks[blocks:], states, keep), keep)
+
+    def _through(
+        self, layers: nn.ModuleList, states: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """states (B, L, hidden) through `layers`, no one attending to padding (BertModel's
+        own mask: additive, from keep (B, L))."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(
+            config=self.model.config, inputs_embeds=states, attention_mask=keep.long()
+        )
+        for layer in layers:
+            states = layer(states, mask)
+        return states
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.upper(self.lower(ids, 0), ids != self.pad_id, 0)  # (B, hidden)
 
 
 @dataclass(frozen=True)

@@ -88,25 +88,37 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.pad_id = pad_id
         self.embed = Embeddings(vocab_size, width, max_tokens, pad_id)
-        # dropout 0: the fine-tuning grid trains many members as one vmapped ensemble
-        # (tasks/learning/ensemble.py) whose result must equal each member's separate run, and
-        # random dropout masks would differ between the two
+        # dropout 0: a run's result must depend on its seeds alone (the same numbers through
+        # either orchestrator, and a vmapped ensemble equal to separate runs), and random
+        # dropout masks would make it depend on the process's generator
         self.blocks = nn.ModuleList(
             EncoderLayer(width, heads, ff_width, dropout=0.0, activation="gelu", batch_first=True)
             for _ in range(layers)
         )
         self.feature_dim = width
 
-    def token_states(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids (B, L) -> (B, L, width): every position's state (the masked-LM head reads it)."""
+    def lower(self, ids: torch.Tensor, blocks: int) -> torch.Tensor:
+        """ids (B, L) -> (B, L, width): the states after the embeddings and the lowest `blocks`
+        blocks (what `partial` freezes; tasks/models/frozen.py computes them once)."""
         pad = ids == self.pad_id  # (B, L), True where padding: attended by no one
         x = self.embed(ids)
-        for block in self.blocks:
+        for block in self.blocks[:blocks]:
             x = block(x, src_key_padding_mask=pad)
         return x
 
+    def upper(self, states: torch.Tensor, keep: torch.Tensor, blocks: int) -> torch.Tensor:
+        """The blocks above the lowest `blocks`, from their states (B, L, width) with keep
+        (B, L) True at tokens, mean pooled -> (B, width)."""
+        for block in self.blocks[blocks:]:
+            states = block(states, src_key_padding_mask=~keep)
+        return mean_pool(states, keep)
+
+    def token_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, L, width): every position's state (the masked-LM head reads it)."""
+        return self.lower(ids, len(self.blocks))
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return mean_pool(self.token_states(ids), ids != self.pad_id)  # (B, width)
+        return self.upper(self.lower(ids, 0), ids != self.pad_id, 0)  # (B, width)
 
 
 def mean_pool(states: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
