@@ -251,3 +251,120 @@ def test_seeded_init_is_reproducible_and_differs_by_seed() -> None:
 
 def test_seeded_init_leaves_plain_linear_to_the_caller() -> None:
     assert not seeded_init(torch.nn.Linear(2, 2), torch.Generator())
+
+
+# --- the off-the-shelf encoder through the stages ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def off_the_shelf(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny text study with MiniLM in place of pretraining: prepare, pretrain and extract
+    run in-process (nothing recorded), as the stages run them."""
+    from tasks.config.params import load_params
+    from tasks.extract import extract
+    from tasks.prepare import prepare
+    from tasks.pretrain import pretrain
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace.layout import Layout
+    from tests.helpers import REPO
+
+    params = load_params(
+        REPO / "tests" / "params.text.tiny.yaml",
+        [
+            "model.backbone=pretrained",
+            f"model.pretrained_path={minilm_dir}",
+            "finetune.strategies=[scratch,linear_probe,partial]",
+            "finetune.freeze_blocks=5",
+        ],
+    )
+    layout = Layout(tmp_path_factory.mktemp("ws"))
+    prepare(params, layout, Recorder())
+    pretrain(params, layout, Recorder())
+    extract(params, "near", layout, Recorder())
+    return params, layout
+
+
+def test_off_the_shelf_pretrain_records_the_weights_it_took(off_the_shelf, minilm) -> None:
+    from tasks.data.datasets import load_meta
+    from tasks.models.classifier import load_checkpoint
+
+    params, layout = off_the_shelf
+    files, _ = minilm
+    origin = load_meta(layout.prepared("source"))["pretrained"]
+    assert origin == {
+        "path": str(params.model.pretrained_path),
+        "sha256": pretrained.MINILM_SHA256,
+    }
+    payload = load_checkpoint(layout.checkpoint)
+    assert payload["arch"]["name"] == "pretrained"
+    assert payload["arch"]["config"]["num_hidden_layers"] == 6
+    # the encoder's own tokenizer, set to cut and pad to max_tokens as `prepare` encoded
+    saved, own = Tokenizer.from_str(payload["tokenizer"]), Tokenizer.from_str(files.tokenizer_json)
+    assert saved.get_vocab() == own.get_vocab()
+    assert saved.padding["length"] == params.text.max_tokens
+    weights = files.state_dict["embeddings.word_embeddings.weight"]
+    assert torch.equal(
+        payload["state_dict"]["backbone.model.embeddings.word_embeddings.weight"], weights
+    )
+
+
+def test_off_the_shelf_features_are_minilm_mean_pooled(off_the_shelf, minilm) -> None:
+    from tasks.data.datasets import load_split
+
+    _, layout = off_the_shelf
+    _, encoder = minilm
+    ids = load_split(layout.prepared("near"), "val").x  # (N, max_tokens) from MiniLM's tokenizer
+    features = load_split(layout.features("near"), "val").x  # (N, 384)
+    with torch.no_grad():
+        expected = encoder(torch.from_numpy(ids[:8])).numpy()
+    assert features.shape == (len(ids), 384)
+    torch.testing.assert_close(
+        torch.from_numpy(features[:8]), torch.from_numpy(expected), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_off_the_shelf_pretrain_refuses_weights_changed_since_prepare(off_the_shelf) -> None:
+    from tasks.data.datasets import load_meta
+    from tasks.pretrain import pretrain
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace import files
+
+    params, layout = off_the_shelf
+    meta_path = layout.prepared("source") / "meta.json"
+    meta = load_meta(layout.prepared("source"))
+    before = layout.checkpoint.read_bytes()
+    files.write_json(meta_path, {**meta, "pretrained": {**meta["pretrained"], "sha256": "0" * 64}})
+    try:
+        with pytest.raises(CheckpointError, match="changed since `prepare`") as err:
+            pretrain(params, layout, Recorder())
+        assert "\n" not in str(err.value) and str(params.model.pretrained_path) in str(err.value)
+        assert layout.checkpoint.read_bytes() == before  # the earlier checkpoint is intact
+    finally:
+        files.write_json(meta_path, meta)
+
+
+def test_scratch_builds_minilm_architecture_seeded(minilm) -> None:
+    from tasks.models.classifier import build_classifier
+
+    files, _ = minilm
+    arch = {"name": "pretrained", "config": files.config, "pad_id": files.pad_id}
+    first, again, other = (build_classifier(arch, 3, seed) for seed in (0, 0, 1))
+    name = "backbone.model.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(first.state_dict()[name], again.state_dict()[name])
+    assert not torch.equal(first.state_dict()[name], other.state_dict()[name])
+    assert not torch.equal(
+        first.state_dict()[name].float(), files.state_dict[name.removeprefix("backbone.model.")]
+    )
+
+
+def test_a_missing_encoder_directory_is_one_line(tmp_path: Path) -> None:
+    from tasks.config.params import ParamsError, load_params
+    from tests.helpers import REPO
+
+    with pytest.raises(ParamsError) as err:
+        load_params(
+            REPO / "tests" / "params.text.tiny.yaml",
+            ["model.backbone=pretrained", f"model.pretrained_path={tmp_path / 'nowhere'}"],
+        )
+    assert "model.pretrained_path" in str(err.value) and "nowhere" in str(err.value)
+    assert "\n" not in str(err.value)

@@ -198,13 +198,14 @@ class ModelParams(_Frozen):
         return "text" if self.backbone in TEXT_BACKBONES else "signal"
 
     @property
-    def depth(self) -> int:
-        """The backbone's blocks, counted from the input (what `partial` freezes a prefix of)."""
+    def depth(self) -> int | None:
+        """The backbone's blocks, counted from the input (what `partial` freezes a prefix of);
+        None for a pretrained encoder: its config says (checked by `load_params`)."""
         if self.backbone == "cnn1d":
             return len(self.channels)
         if self.backbone == "mlp":
             return len(self.hidden)
-        return self.layers  # pretrained: checked against the encoder when it is loaded
+        return self.layers if self.backbone == "transformer" else None
 
 
 class TextParams(_Frozen):
@@ -334,13 +335,16 @@ class Params(_Frozen):
 
     @model_validator(mode="after")
     def _partial_leaves_a_block_to_train(self) -> Params:
-        blocks = self.model.depth
+        if self.model.depth is not None:
+            self.check_partial(self.model.depth)
+        return self
+
+    def check_partial(self, blocks: int) -> None:
         if "partial" in self.finetune.strategies and self.finetune.freeze_blocks >= blocks:
             raise ValueError(
                 f"finetune.freeze_blocks ({self.finetune.freeze_blocks}) must be below the "
                 f"number of backbone blocks ({blocks}), or 'partial' trains no block"
             )
-        return self
 
     @model_validator(mode="after")
     def _one_modality(self) -> Params:
@@ -488,10 +492,27 @@ def _check_paths_exist(params: Params, path: Path) -> None:
         elif spec.path is not None and not spec.path.is_file():
             raise ParamsError(f"{path}: {key}.path: file {str(spec.path)!r} does not exist")
     model = params.model.pretrained_path
-    if model is not None and not model.is_dir():
+    if model is not None:
+        _check_pretrained_depth(params, model, path)
+
+
+def _check_pretrained_depth(params: Params, model: Path, path: Path) -> None:
+    """The encoder's layers, from its config.json (its weights are checked when loaded)."""
+    if not model.is_dir():
         raise ParamsError(
             f"{path}: model.pretrained_path: directory {str(model)!r} does not exist"
         )
+    try:
+        layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ParamsError(
+            f"{path}: model.pretrained_path: {model / 'config.json'} is not a readable Hugging "
+            f"Face config with num_hidden_layers ({type(err).__name__}: {err})"
+        ) from err
+    try:
+        params.check_partial(int(layers))
+    except ValueError as err:
+        raise ParamsError(f"{path}: {err}") from err
 
 
 def _check_fortunes(spec: DatasetSpec, key: str, path: Path) -> None:

@@ -48,5 +48,13 @@ def md5(path: Path) -> str:
 
 
 def input_tags(root: Path, paths: list[Path]) -> dict[str, str]:
-    """{"dvc.md5.data/checkpoints/backbone.pt": "<md5>", ...} for the files a run read."""
-    return {f"{MD5_TAG}{path.relative_to(root).as_posix()}": md5(path) for path in paths}
+    """{"dvc.md5.data/checkpoints/backbone.pt": "<md5>", ...} for the files a run read; a file
+    outside the workspace (an encoder's weights where the user keeps them) by its full path."""
+    return {f"{MD5_TAG}{_shown(root, path)}": md5(path) for path in paths}
+
+
+def _shown(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
