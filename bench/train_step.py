@@ -3,6 +3,11 @@ PyTorch loop, each with and without `torch.compile`, on the same model, data, ba
 optimizer.
 
     python bench/train_step.py [--params params.yaml] [--samples 17500] [--epochs 3] [--reps 7]
+    python bench/train_step.py --params params.text.yaml --samples 2000 --no-compile
+
+With a text study's params, the inputs are random token ids of the study's length and
+vocabulary, and the rates are also given in tokens per second (every position, padding
+included: the encoder computes them all).
 
 What is compared: the default params' backbone (`model` section, built by
 `tasks.models.classifier` with its linear head) trained for the same number of epochs on the
@@ -107,20 +112,28 @@ def main() -> None:
     batch_size = args.batch_size or params.pretrain.batch_size
     lr = params.pretrain.lr
 
-    input_shape, classes = (1, 40), len(params.source.classes or range(10))
-    arch = architecture(params.model, input_shape)
+    classes = len(params.source.classes or range(10))
     data = torch.Generator().manual_seed(0)
+    if params.model.backbone == "transformer":  # texts: token ids (N, max_tokens)
+        input_shape, vocab = (params.text.max_tokens,), params.text.vocab_size
+        arch = architecture(params.model, input_shape, {"vocab_size": vocab, "pad_id": 0})
+        x = torch.randint(5, vocab, (args.samples, *input_shape), generator=data)
+    else:
+        input_shape = (1, 40)
+        arch = architecture(params.model, input_shape)
+        x = torch.randn(args.samples, *input_shape, generator=data)
     train = DeviceData(
-        torch.randn(args.samples, *input_shape, generator=data).to(device),
-        torch.randint(classes, (args.samples,), generator=data).to(device),
+        x.to(device), torch.randint(classes, (args.samples,), generator=data).to(device)
     )
+    tokens = input_shape[0] if len(input_shape) == 1 else None  # per example, for texts
     model = build_classifier(arch, classes, seed=0).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     n_params = sum(p.numel() for p in model.parameters())
 
     print(machine(torch.get_num_threads()) + f", device {device}")
     print(
-        f"sizes: {arch['name']} {arch.get('channels', arch.get('hidden'))} ({n_params:,} "
+        f"sizes: {arch['name']} {arch.get('channels', arch.get('hidden', arch.get('layers')))} "
+        f"({n_params:,} "
         f"weights, {classes} classes), {args.samples:,} examples of shape {input_shape}, batch "
         f"{batch_size}, Adam lr {lr}, {args.epochs} epoch(s) per run, {args.reps} run(s) each"
     )
@@ -150,7 +163,8 @@ def main() -> None:
     rate = {name: args.epochs * args.samples / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         each = ", ".join(f"{args.epochs * args.samples / s:,.0f}" for s in t)
-        print(f"{name:>15}: median {rate[name]:>9,.0f} samples/s  [{each}]")
+        per_token = f" ({rate[name] * tokens:,.0f} tokens/s)" if tokens else ""
+        print(f"{name:>15}: median {rate[name]:>9,.0f} samples/s{per_token}  [{each}]")
     print(f"ours / bare: {rate['ours (fit)'] / rate['bare']:.3f}x  (goal: at least 0.97x)")
     if compile_s is not None:
         print(

@@ -19,10 +19,16 @@ from tasks.data.sources import datasets
 from tasks.recording.lineage import md5
 from tasks.workspace.layout import Layout
 
+FRESH_LAYER = (
+    "A target the pretrained input layer cannot take gets a fresh one (seed 0 in every run, so "
+    "the probe's features are the ones fine-tuning starts from), trained at the head's "
+    "learning rate and never frozen; every other layer keeps its pretrained weights."
+)
 SHAPES = {  # what input shapes each backbone's pretrained input layer takes
     "cnn1d": "The backbone pools over time, so a target may have any length; its input layer "
-    "takes the source's channel count.",
-    "mlp": "The backbone flattens C x L, so its input layer takes the source's shape only.",
+    f"takes the source's channel count. {FRESH_LAYER}",
+    "mlp": f"The backbone flattens C x L, so its input layer takes the source's shape only. "
+    f"{FRESH_LAYER}",
     "transformer": "Every text is encoded by the tokenizer trained on the source's training "
     "texts, to the same number of tokens, so the encoder takes every target as it is; its "
     "features are the mean of its last layer over a text's tokens (padding excluded).",
@@ -61,8 +67,23 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
         shape = "x".join(map(str, meta["input_shape"]))
         shape = f"tokens {shape}" if spec.modality == "text" else f"(C, L) {shape}"
         sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
-        lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}")
+        role = f"; {_pretraining(params, meta)}" if name == "source" else ""
+        lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}{role}")
     return lines
+
+
+def _pretraining(params: Params, source_meta: dict) -> str:
+    """How the backbone came from the source: trained on its labels or its masked tokens, or
+    not at all (an off-the-shelf encoder, named by its weights' hash)."""
+    if "pretrained" in source_meta:
+        origin = source_meta["pretrained"]
+        return (
+            f"**not pretrained here**: the off-the-shelf encoder `{origin['path']}` (weights "
+            f"sha256 {origin['sha256'][:12]}) stands in for it; only its texts were tokenised"
+        )
+    if params.pretrain.objective == "mlm":
+        return "pretrained by masked-language modelling on its texts (labels unused)"
+    return "pretrained on its labels"
 
 
 def _points(value: float) -> str:
@@ -205,10 +226,7 @@ def render(
         f"{params.split.test:.0%}, seed {params.split.seed}), unless it ships its own test "
         "arrays; the source into train / val only (pretraining scores the source's own test "
         "arrays when it ships them).",
-        f"- **Shapes.** {SHAPES[params.model.backbone]} A target the pretrained input layer "
-        "cannot take gets a fresh one (seed 0 in every run, so the probe's features are the "
-        "ones fine-tuning starts from), trained at the head's learning rate and never frozen; "
-        "every other layer keeps its pretrained weights.",
+        f"- **Shapes.** {SHAPES[params.model.backbone]}",
         f"- **Label budgets.** Fractions {cfg.fractions} of each target's training split "
         f"(stratified, at least one example per class) and {cfg.shots or 'no'} labels per class "
         "(shots; a class with fewer gives all it has). A subset contains every smaller one that "

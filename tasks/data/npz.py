@@ -204,7 +204,7 @@ def _stretch(values: np.ndarray, length: int) -> np.ndarray:
 # --- labels as stored --------------------------------------------------------------------------
 
 
-def _labels(path: Path, name: str, y: np.ndarray) -> np.ndarray:
+def canonical_labels(path: Path, name: str, y: np.ndarray) -> np.ndarray:
     """The stored labels (N,) in one canonical form: int64 for integers and integral floats,
     str for text (bytes decoded)."""
     if y.dtype.kind in "iu":
@@ -272,7 +272,7 @@ def read_npz(spec: DatasetSpec, key: str) -> RawDataset:
     for xname, yname in pairs:
         _check_shapes(path, arrays[xname], arrays[yname], xname, yname)
         series[xname] = _series(path, xname, arrays[xname])
-        labels[yname] = _labels(path, yname, arrays[yname])
+        labels[yname] = canonical_labels(path, yname, arrays[yname])
     if "y_test" in labels:
         _check_test_labels(path, labels["y"], labels["y_test"])
     x = _fit_lengths(spec, key, series)

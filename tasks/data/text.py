@@ -18,7 +18,7 @@ import pandas as pd
 
 from tasks.config.params import DatasetSpec
 from tasks.data.datasets import DataError, Labelled, RawDataset
-from tasks.data.npz import _labels, listed
+from tasks.data.npz import canonical_labels, listed
 
 TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl")
 # Control characters left after undoing overstrikes (BEL in some fortunes, ESC): never text.
@@ -168,11 +168,11 @@ def _table_labels(path: Path, column: str, series: pd.Series) -> np.ndarray:
         )
     kind = pd.api.types.infer_dtype(values, skipna=False)
     if kind == "string":
-        labels = _labels(path, column, np.array(values.tolist(), dtype=str))
+        labels = canonical_labels(path, column, np.array(values.tolist(), dtype=str))
     elif kind == "integer":
-        labels = _labels(path, column, np.array(values.tolist()))
+        labels = canonical_labels(path, column, np.array(values.tolist()))
     elif kind in ("floating", "mixed-integer-float"):
-        labels = _labels(path, column, np.array(values.tolist(), dtype=np.float64))
+        labels = canonical_labels(path, column, np.array(values.tolist(), dtype=np.float64))
     else:
         raise DataError(
             f"{path}: column '{column}' holds {kind} values; labels are integers or strings, "
