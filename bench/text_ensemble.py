@@ -25,20 +25,17 @@ from _common import machine
 from tasks.config.params import TrainParams
 from tasks.learning.ensemble import Member, _Stack
 from tasks.learning.train import DeviceData
-from tasks.models.classifier import Classifier
-from tasks.models.transformer import TextEncoder, seeded_init
+from tasks.models.classifier import Classifier, build_classifier
 
 VOCAB, WIDTH, LAYERS, HEADS, FF, TOKENS, BATCH, CLASSES, PAD = 2000, 64, 2, 4, 128, 64, 32, 4, 0
 
 
 def model(seed: int) -> Classifier:
-    encoder = TextEncoder(VOCAB, WIDTH, LAYERS, HEADS, FF, TOKENS, PAD)
-    net = Classifier(encoder, CLASSES, {"name": "transformer"})
-    generator = torch.Generator().manual_seed(seed)
-    for module in net.modules():
-        if list(module.parameters(recurse=False)) and not seeded_init(module, generator):
-            module.reset_parameters()  # Linear: not compared across seeds, any init will do
-    return net
+    arch = {
+        **{"name": "transformer", "vocab_size": VOCAB, "width": WIDTH, "layers": LAYERS},
+        **{"heads": HEADS, "ff_width": FF, "max_tokens": TOKENS, "pad_id": PAD},
+    }
+    return build_classifier(arch, CLASSES, seed)
 
 
 def data(seed: int, n: int) -> DeviceData:

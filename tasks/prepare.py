@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any
 
@@ -11,7 +12,14 @@ from tokenizers import Tokenizer
 from tasks.config.params import TEXT_BACKBONES, DatasetSpec, Params
 from tasks.data import tokens
 from tasks.data.datasets import Labelled, class_counts, save_splits, small_validation
-from tasks.data.sources import SOURCE, BuiltDataset, build_splits, cuts_test, datasets
+from tasks.data.sources import (
+    SOURCE,
+    BuiltDataset,
+    build_splits,
+    cuts_test,
+    datasets,
+    files_read,
+)
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
@@ -27,8 +35,8 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     root = layout.prepared("source").parent
     files.check_writable(root)
     sizes = {}
-    user_files = [spec.path for spec, _ in named.values() if spec.path is not None]
-    with recorder.child("prepare", tags=stage_tags("prepare"), inputs=user_files) as stage:
+    read = [path for spec, _ in named.values() for path in files_read(spec)]
+    with recorder.child("prepare", tags=stage_tags("prepare"), inputs=read) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {
             name: build_splits(spec, params.split, key, cut_test=cuts_test(name))
@@ -68,6 +76,13 @@ def _tokenized(
     if pretrained is not None:
         from tasks.models.pretrained import read_pretrained_dir  # transformers: a slow import
 
+        if not pretrained.resolve().is_relative_to((layout.root / "data" / "raw").resolve()):
+            log.warning(
+                "model.pretrained_path %s is outside data/raw: DVC does not watch it, so "
+                "`dvc repro` will not notice new weights there (pretrain refuses them until "
+                "prepare runs again)",
+                pretrained,
+            )
         encoder = read_pretrained_dir(pretrained)
         tokenizer = Tokenizer.from_str(encoder.tokenizer_json)
         pad_id, kind = encoder.pad_id, "pretrained"
@@ -102,6 +117,11 @@ def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
         "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L); text: (max_tokens,)
         "sizes": {split: len(part) for split, part in data.splits.items()},
         "test_source": data.test_source,  # "shipped" with the data, "cut" from it, or "none"
+        # the content of every file read: a file outside the workspace (Debian's fortunes), which
+        # DVC does not watch, still changes this output, and so every stage after it
+        "files_md5": {
+            str(path): hashlib.md5(path.read_bytes()).hexdigest() for path in files_read(spec)
+        },
         "train_class_counts": class_counts(data.splits["train"], num_classes),
         "val_class_counts": class_counts(data.splits["val"], num_classes),
     }

@@ -74,9 +74,9 @@ def _pretrain(
         files.check_writable(layout.checkpoint.parent)
     source = layout.prepared("source")
     meta = load_meta(source)
-    train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
     if params.model.backbone == "pretrained":
         return _off_the_shelf(params, layout, recorder, meta, shard)
+    train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
     arch = architecture(params.model, tuple(meta["input_shape"]), meta.get("tokens"))
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
     # what trains: the classifier itself, or its encoder under BERT's prediction head (MLM)
@@ -144,8 +144,14 @@ def _off_the_shelf(
     from tasks.models.pretrained import PretrainedEncoder, read_pretrained_dir  # slow import
 
     path = params.model.pretrained_path
+    prepared = meta.get("pretrained", {})  # what `prepare` tokenised with
+    if prepared.get("path") != str(path):
+        raise CheckpointError(
+            f"{path}: `prepare` tokenised the texts for {prepared.get('path') or 'our own'} "
+            "encoder, not this one; run prepare again"
+        )
     weights = read_pretrained_dir(path)
-    expected = meta["pretrained"]["sha256"]
+    expected = prepared["sha256"]
     if weights.weights_sha256 != expected:
         raise CheckpointError(
             f"{path}: its {weights.weights_file} changed since `prepare` read it (sha256 "
@@ -176,6 +182,7 @@ def _masked_lm(
         tokens["mask_id"],
         tokens["vocab_size"],
         tuple(tokens["special_ids"]),
+        tuple(tokens["never_masked"]),
         cfg.seed,
     )
     return masked_lm, objective

@@ -3,8 +3,10 @@ pretraining, layer-wise learning-rate decay, and a bad table refused as a user m
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -202,3 +204,82 @@ def test_partial_from_frozen_states_is_the_same_network() -> None:
     assert packed.shape == (7, 10, 17)
     model.backbone = UpperBlocks(model.backbone, 2)
     torch.testing.assert_close(model(packed), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_tokens_follow_the_bert_recipe() -> None:
+    """15% of the ordinary tokens chosen (at least one per text), of those 80% [MASK], 10% a
+    random ordinary token, 10% kept; [PAD], [CLS], [SEP] never chosen; the same key, the same
+    draw."""
+    from tasks.learning.mlm import MaskedTokens
+
+    vocab, pad, cls, sep, mask = 500, 0, 2, 3, 4
+    objective = MaskedTokens(0.15, mask, vocab, (0, 1, 2, 3, 4), (pad, cls, sep, mask), seed=0)
+    ids = torch.randint(5, vocab, (400, 40), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, 30], ids[:, 31:] = cls, sep, pad  # [CLS] 29 tokens [SEP] padding
+    (masked, chosen), targets = objective.inputs(ids, torch.zeros(400), (0, 3, 0))
+    ordinary = (ids >= 5).sum().item()
+    assert not chosen[:, 0].any() and not chosen[:, 30:].any()
+    assert chosen.sum().item() / ordinary == pytest.approx(0.15, abs=0.01)
+    assert chosen.any(1).all()
+    assert torch.equal(targets, ids[chosen])
+    became = masked[chosen]
+    share = {
+        "mask": (became == mask).double().mean().item(),
+        "kept": (became == targets).double().mean().item(),
+    }
+    assert share["mask"] == pytest.approx(0.8, abs=0.02)
+    assert share["kept"] == pytest.approx(0.1 + 0.1 / (vocab - 5), abs=0.02)
+    assert (became[(became != mask)] >= 5).all()  # random replacements are ordinary tokens
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    again = objective.inputs(ids, torch.zeros(400), (0, 3, 0))
+    other = objective.inputs(ids, torch.zeros(400), (0, 3, 32))
+    assert torch.equal(again[0][1], chosen) and not torch.equal(other[0][1], chosen)
+
+
+def test_tokenizer_learns_from_the_source_training_texts_only(tmp_path: Path) -> None:
+    """A word that fills a target's texts is no token of the vocabulary; trained on those
+    texts, it would be one (so the check can fail)."""
+    from tasks.data.tokens import train_tokenizer
+    from tasks.prepare import prepare
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace.layout import Layout
+
+    table = tmp_path / "zebra.csv"
+    texts = [f"zebracorn zebracorn number {i % 7}" for i in range(60)]
+    pd.DataFrame({"text": texts, "label": [i % 2 for i in range(60)]}).to_csv(table, index=False)
+    params = load_params(TEXT_TINY, [f"targets.near={{kind: text, path: {table}}}"])
+    layout = Layout(tmp_path / "ws")
+    prepare(params, layout, Recorder())
+    vocab = json.loads((layout.prepared("source") / "tokenizer.json").read_text())["model"][
+        "vocab"
+    ]
+    assert "zebracorn" not in vocab
+    leaky = train_tokenizer(np.array(texts), params.text)
+    assert leaky.token_to_id("zebracorn") is not None
+
+
+def test_a_fortunes_folder_of_ones_own_is_read_and_recorded(tmp_path: Path) -> None:
+    """kind fortunes with `path` (a folder): prepare reads the class files there, records each
+    file's md5 (in MLflow, and in meta.json, so that new files change the outputs)."""
+    workspace = make_workspace(tmp_path / "ws", TEXT_TINY)
+    folder = workspace / "data" / "raw" / "quotes"
+    folder.mkdir()
+    for name in ("law", "food", "sports"):
+        entries = [f"{name} saying number {i} about {name}" for i in range(30)]
+        (folder / name).write_text("\n%\n".join(entries) + "\n%\n")
+    result = run_command(
+        ["python", "-m", "tasks.prepare", "--set", "targets.near.path=data/raw/quotes"],
+        cwd=workspace,
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    meta = json.loads((workspace / "data" / "prepared" / "near" / "meta.json").read_text())
+    assert set(meta["files_md5"]) == {f"data/raw/quotes/{n}" for n in ("law", "food", "sports")}
+    assert meta["sizes"]["train"] + meta["sizes"]["val"] + meta["sizes"]["test"] == 75
+    client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    (run,) = [
+        r
+        for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+        if r.info.run_name == "prepare"
+    ]
+    assert "dvc.md5.data/raw/quotes/law" in run.data.tags

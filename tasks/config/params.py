@@ -497,18 +497,26 @@ def _check_paths_exist(params: Params, path: Path) -> None:
 
 
 def _check_pretrained_depth(params: Params, model: Path, path: Path) -> None:
-    """The encoder's layers, from its config.json (its weights are checked when loaded)."""
+    """The encoder's layers and positions, from its config.json (its weights are checked when
+    `prepare` reads them)."""
     if not model.is_dir():
         raise ParamsError(
             f"{path}: model.pretrained_path: directory {str(model)!r} does not exist"
         )
     try:
-        layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        config = json.loads((model / "config.json").read_text())
+        layers, positions = config["num_hidden_layers"], config["max_position_embeddings"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ParamsError(
             f"{path}: model.pretrained_path: {model / 'config.json'} is not a readable Hugging "
-            f"Face config with num_hidden_layers ({type(err).__name__}: {err})"
+            f"Face config with num_hidden_layers and max_position_embeddings "
+            f"({type(err).__name__}: {err})"
         ) from err
+    if params.text.max_tokens > positions:
+        raise ParamsError(
+            f"{path}: text.max_tokens ({params.text.max_tokens}) exceeds the {positions} "
+            f"positions of the encoder in {model}"
+        )
     try:
         params.check_partial(int(layers))
     except ValueError as err:

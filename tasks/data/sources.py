@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -40,6 +41,14 @@ class BuiltDataset:
         """(C, L) of every example."""
         channels, length = self.splits["train"].x.shape[1:]
         return channels, length
+
+
+def files_read(spec: DatasetSpec) -> list[Path]:
+    """The user's or the system's files a dataset is read from (none for a generator): what
+    `prepare` records by md5, and what the report names."""
+    if spec.kind == "fortunes":
+        return [spec.fortunes_dir / str(name) for name in spec.classes or []]
+    return [spec.path] if spec.path is not None else []
 
 
 def describe(spec: DatasetSpec, key: str) -> str:

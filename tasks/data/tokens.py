@@ -54,13 +54,18 @@ def encode(tokenizer: Tokenizer, texts: np.ndarray, max_tokens: int, pad_id: int
 
 def describe(tokenizer: Tokenizer, pad_id: int, kind: str) -> dict[str, Any]:
     """What later stages need to know of the ids (kept in every text dataset's meta.json)."""
-    specials = [tokenizer.token_to_id(t) for t in SPECIALS]
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIALS}  # None: not in it
     return {
         "tokenizer": kind,  # bpe, or pretrained (the encoder's own)
         "vocab_size": tokenizer.get_vocab_size(),
         "pad_id": pad_id,
-        "mask_id": tokenizer.token_to_id("[MASK]"),
-        "special_ids": sorted(i for i in specials if i is not None),  # never masked for MLM
+        "mask_id": ids["[MASK]"],
+        "special_ids": sorted(i for i in ids.values() if i is not None),
+        # MLM never chooses these positions ([UNK] it does: a text of unknown words only still
+        # has tokens to predict)
+        "never_masked": sorted(
+            ids[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]") if ids[t] is not None
+        ),
     }
 
 

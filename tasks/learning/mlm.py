@@ -27,7 +27,8 @@ class MaskedTokens:
     mask_prob: float
     mask_id: int
     vocab_size: int
-    special_ids: tuple[int, ...]  # [PAD], [CLS], [SEP], ...: never chosen
+    special_ids: tuple[int, ...]  # [PAD], [UNK], [CLS], [SEP], [MASK]: never a random token
+    never_masked: tuple[int, ...]  # [PAD], [CLS], [SEP], [MASK]: never chosen
     seed: int
 
     def inputs(
@@ -38,8 +39,10 @@ class MaskedTokens:
         generator = torch.Generator().manual_seed(int(state))
         draws = torch.rand(x.shape, generator=generator).to(x.device)  # (B, L)
         action = torch.rand(x.shape, generator=generator).to(x.device)  # (B, L)
-        random_ids = torch.randint(self.vocab_size, x.shape, generator=generator).to(x.device)
-        candidate = ~torch.isin(x, torch.tensor(self.special_ids, device=x.device))  # (B, L)
+        ordinary = self.ordinary_ids()  # (V',)
+        draw = torch.randint(len(ordinary), x.shape, generator=generator)  # (B, L)
+        random_ids = ordinary[draw].to(x.device)  # (B, L): ordinary tokens only
+        candidate = ~torch.isin(x, torch.tensor(self.never_masked, device=x.device))  # (B, L)
         draws = torch.where(candidate, draws, 2.0)  # never below mask_prob, never the least
         # at least one token of every text, so that no batch scores nothing
         least = torch.zeros_like(candidate).scatter_(1, draws.argmin(1, keepdim=True), True)
@@ -47,6 +50,11 @@ class MaskedTokens:
         masked = torch.where(chosen & (action < 0.8), self.mask_id, x)
         masked = torch.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
         return (masked, chosen), x[chosen]
+
+    def ordinary_ids(self) -> torch.Tensor:
+        """(V',) the vocabulary's ids that are not special tokens."""
+        ids = torch.arange(self.vocab_size)
+        return ids[~torch.isin(ids, torch.tensor(self.special_ids))]
 
 
 class MaskedLm(nn.Module):
@@ -73,7 +81,9 @@ def unigram_accuracy(
     ordinary = train_ids[~np.isin(train_ids, objective.special_ids)]
     commonest = int(np.bincount(ordinary).argmax())
     targets = [
-        objective.inputs(val.x[start : start + batch_size], val.y, (EVAL_KEY, start))[1]
+        objective.inputs(
+            val.x[start : start + batch_size], val.y[start : start + batch_size], (EVAL_KEY, start)
+        )[1]
         for start in range(0, len(val), batch_size)
     ]
     return torch.cat(targets).eq(commonest).double().mean().item()

@@ -4,7 +4,8 @@
 would push the same texts through the same frozen layers. Here their output is computed once for
 a label budget's runs (`frozen_states`), and the runs train the blocks above from it
 (`UpperBlocks`): the same network and the same updates, without the repeated work (for an
-off-the-shelf encoder on a CPU, most of the cost of a run).
+off-the-shelf encoder on a CPU, most of the cost of a run). The states are computed under the
+same autocast as training (bf16 on a GPU) and kept in float32.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from tasks.learning.train import autocast
 
 
 @torch.no_grad()
@@ -25,7 +28,8 @@ def frozen_states(
     chunks = []
     for start in range(0, len(ids), batch_size):
         batch = torch.from_numpy(ids[start : start + batch_size]).to(device)  # (B, L)
-        states = encoder.lower(batch, blocks).float()  # (B, L, D)
+        with autocast(device):  # as the whole network computes them (bf16 on a GPU)
+            states = encoder.lower(batch, blocks).float()  # (B, L, D)
         keep = (batch != encoder.pad_id).to(states.dtype).unsqueeze(-1)  # (B, L, 1)
         chunks.append(torch.cat([states, keep], -1).cpu())
     return torch.cat(chunks).numpy()
