@@ -400,3 +400,26 @@ def test_every_declared_params_key_is_read(stage: str, reads) -> None:
         if not any(covers(key, read) or covers(read, key) for read in reads[stage])
     ]
     assert not unread, f"{stage} declares params it does not read: {unread}"
+
+
+SHIPPED_PARAMS = [
+    "params.yaml",
+    "params.quick.yaml",
+    "params.text.yaml",
+    "params.text.minilm.yaml",
+    "tests/params.tiny.yaml",
+    "tests/params.text.tiny.yaml",
+]
+
+
+@pytest.mark.parametrize("file", SHIPPED_PARAMS)
+def test_every_declared_params_key_is_in_each_shipped_params_file(file: str) -> None:
+    """`dvc repro` (and `dvc exp run` of a copied profile) refuses to run a stage whose declared
+    params key is missing from params.yaml, even where the schema has a default for it."""
+    document = yaml.safe_load((REPO / file).read_text())
+    for stage in STAGES:
+        for key in declared_params(stage):
+            node: Any = document
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"{file}: {stage} needs {key}"
+                node = node[part]

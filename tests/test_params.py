@@ -40,9 +40,9 @@ def test_shipped_params_files_are_valid() -> None:
     assert len(default.finetune.fractions) >= 5 and len(default.finetune.seeds) >= 3
     assert default.source.generator.num_samples >= 20000
     # the same schema at both sizes: every section and finetune knob is set explicitly in each
-    # (a study of signals has no texts to tokenise: only the text studies set `text`)
+    # (and every key a stage declares in dvc.yaml is there, or `dvc repro` refuses to run)
     sections = set(type(default).model_fields)
-    assert default.model_fields_set == tiny.model_fields_set == sections - {"text"}
+    assert default.model_fields_set == tiny.model_fields_set == sections
     assert default.finetune.model_fields_set == tiny.finetune.model_fields_set
     text, text_tiny = (load_params(p) for p in (REPO / "params.text.yaml", TEXT_TINY))
     assert text.model_fields_set == text_tiny.model_fields_set == sections
