@@ -19,6 +19,7 @@ from tests.helpers import TINY, make_workspace, run_command
 # waits for the other to finish running them.
 LONG_FILES = [
     "test_pipeline",
+    "test_text_pipeline",
     "test_ui",
     "test_frame",
     "test_tracking_server",

@@ -95,11 +95,11 @@ def test_a_fresh_input_layer_trains_at_the_heads_rate_and_is_never_frozen(
     three = {s: Labelled(np.repeat(d.x, 3, axis=1), d.y) for s, d in data.inputs.items()}
     seen = {}
 
-    def spy(members, val, cfg, lr_scale):
+    def spy(members, val, cfg, lr_scale, vectorise):
         model = members[0].model
         seen["trains"] = {n for n, p in model.named_parameters() if p.requires_grad}
         seen["scale"] = {n: lr_scale(n) for n, _ in model.named_parameters()}
-        return fit_ensemble(members, val, cfg, lr_scale)
+        return fit_ensemble(members, val, cfg, lr_scale, vectorise)
 
     monkeypatch.setattr(finetune, "fit_ensemble", spy)
     cfg = CFG.model_copy(update={"freeze_blocks": 1, "backbone_lr_scale": 0.1})

@@ -59,15 +59,23 @@ def latest_runs(count: int) -> list:
     return client.search_runs(experiments, order_by=["start_time DESC"], max_results=count)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The checkpoint of the long pretraining run from start to end without a stop (in a copy
+    of the shared workspace; computed once for every way of stopping it)."""
+    copy = tmp_path_factory.mktemp("uninterrupted") / "ws"
+    shutil.copytree(runs["dvc"], copy, symlinks=True)
+    command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
+    assert run_command(command, cwd=copy).returncode == 0
+    return (copy / "data/checkpoints/backbone.pt").read_bytes()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
 def test_stopped_pretraining_resumes_to_the_same_weights(
-    workspace: Path, tmp_path: Path, signum: int
+    workspace: Path, uninterrupted: bytes, signum: int
 ) -> None:
     """Ctrl-C, or kill -9 (no cleanup at all), then the same command again."""
-    uninterrupted = tmp_path / "uninterrupted"
-    shutil.copytree(workspace, uninterrupted, symlinks=True)
     command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
-    assert run_command(command, cwd=uninterrupted).returncode == 0
 
     process = interrupt_pretraining(workspace, signum)
     state = workspace / "data/checkpoints/pretrain.resume.pt"
@@ -86,8 +94,7 @@ def test_stopped_pretraining_resumes_to_the_same_weights(
     resumed = run_command(command, cwd=workspace)
     assert resumed.returncode == 0 and "resuming from the end of epoch" in resumed.stderr
     assert not state.exists()
-    checkpoint = "data/checkpoints/backbone.pt"
-    assert (workspace / checkpoint).read_bytes() == (uninterrupted / checkpoint).read_bytes()
+    assert (workspace / "data/checkpoints/backbone.pt").read_bytes() == uninterrupted
 
 
 def test_sigterm_stops_pretraining_and_ends_its_runs_killed(workspace: Path) -> None:

@@ -233,3 +233,12 @@ def test_any_mutated_document_is_accepted_or_refused_with_a_one_line_message(doc
         except ParamsError as err:
             message = str(err)
             assert message.startswith(f"{path}: ") and "\n" not in message
+
+
+@pytest.mark.parametrize("file", [TINY, TEXT_TINY])
+def test_params_survive_a_dump_and_reload(file: Path) -> None:
+    """What torchrun's ranks and the contract checks do: every key is then set explicitly,
+    defaults included, and must not read as a key set for the wrong kind."""
+    params = load_params(file)
+    again = type(params).model_validate(params.model_dump(mode="json"))
+    assert again.model_dump() == params.model_dump()

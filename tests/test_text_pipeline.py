@@ -96,16 +96,20 @@ def test_checkpoint_carries_its_tokenizer(text_runs) -> None:
 def test_mlm_beats_the_unigram_guess(tmp_path: Path) -> None:
     """A short masked-language pretraining on the tiny corpus predicts masked tokens far better
     than always guessing the commonest token: it learnt from context."""
-    workspace = make_workspace(tmp_path / "mlm", TEXT_TINY)
+    from tasks.prepare import prepare
+    from tasks.pretrain import pretrain
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace.layout import Layout
+
     overrides = [
-        *("--set", "pretrain.objective=mlm", "--set", "pretrain.max_epochs=30"),
-        *("--set", "pretrain.patience=30", "--set", "source.max_per_class=120"),
-        *("--set", "model.width=32", "--set", "model.ff_width=64"),
+        *("pretrain.objective=mlm", "pretrain.max_epochs=30", "pretrain.patience=30"),
+        *("source.max_per_class=120", "model.width=32", "model.ff_width=64"),
     ]
-    for stage in ("prepare", "pretrain"):
-        _run(workspace, ["-m", f"tasks.{stage}", *overrides], tmp_path / "prefect-home")
-    summary = pd.read_json(workspace / "data" / "checkpoints" / "backbone.json", typ="series")
-    assert summary["val_acc"] > 1.5 * summary["val_unigram_acc"] > 0, summary.to_dict()
+    params = load_params(TEXT_TINY, overrides)
+    layout = Layout(tmp_path / "ws")
+    prepare(params, layout, Recorder())
+    summary = pretrain(params, layout, Recorder())
+    assert summary["val_acc"] > 1.5 * summary["val_unigram_acc"] > 0, summary
 
 
 def test_layer_decay_multiplies_the_rate_per_block_down_from_the_head() -> None:
@@ -283,3 +287,27 @@ def test_a_fortunes_folder_of_ones_own_is_read_and_recorded(tmp_path: Path) -> N
         if r.info.run_name == "prepare"
     ]
     assert "dvc.md5.data/raw/quotes/law" in run.data.tags
+
+
+def test_an_unlabelled_table_is_a_source_for_mlm(tmp_path: Path) -> None:
+    """A table without labels pretrains by masked-language modelling (and only so)."""
+    from tasks.config.params import ParamsError
+    from tasks.prepare import prepare
+    from tasks.pretrain import pretrain
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace.layout import Layout
+
+    corpus = tmp_path / "corpus.jsonl"
+    words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away"]
+    rows = [{"text": " ".join(words[i % 7 : i % 7 + 6])} for i in range(80)]
+    pd.DataFrame(rows).to_json(corpus, orient="records", lines=True)
+    source = f"source={{kind: text, path: {corpus}, label_column: null}}"
+    with pytest.raises(ParamsError, match=r"pretrain\.objective mlm"):
+        load_params(TEXT_TINY, [source])
+    params = load_params(TEXT_TINY, [source, "pretrain.objective=mlm"])
+    layout = Layout(tmp_path / "ws")
+    prepare(params, layout, Recorder())
+    summary = pretrain(params, layout, Recorder())
+    assert summary["epochs_run"] == params.pretrain.max_epochs
+    assert 0 < summary["val_unigram_acc"] < 1 and 0 <= summary["val_acc"] <= 1
+    assert load_checkpoint(layout.checkpoint)["arch"]["name"] == "transformer"

@@ -144,7 +144,9 @@ class DatasetSpec(_Frozen):
             "cipher_seed": TEXT_KINDS,
         }
         for key, kinds in only.items():
-            if key in self.model_fields_set and self.kind not in kinds:
+            # set to other than its default (a dumped and reloaded spec sets every key)
+            moved = getattr(self, key) != type(self).model_fields[key].default
+            if moved and self.kind not in kinds:
                 raise ValueError(f"'{key}' is only for kind {' or '.join(kinds)}")
         return self
 
@@ -532,5 +534,6 @@ def _check_fortunes(spec: DatasetSpec, key: str, path: Path) -> None:
     missing = [c for c in spec.classes or [] if not (spec.fortunes_dir / str(c)).is_file()]
     if missing:
         raise ParamsError(
-            f"{path}: {key}.classes: no fortune file {missing[0]!r} in {spec.fortunes_dir}"
+            f"{path}: {key}.classes: no fortune file {missing[0]!r} in {spec.fortunes_dir} "
+            "(Debian's fortunes, fortunes-es, fortunes-de... packages install them)"
         )
