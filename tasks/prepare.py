@@ -117,8 +117,10 @@ def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
         "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L); text: (max_tokens,)
         "sizes": {split: len(part) for split, part in data.splits.items()},
         "test_source": data.test_source,  # "shipped" with the data, "cut" from it, or "none"
-        # the content of every file read: a file outside the workspace (Debian's fortunes), which
-        # DVC does not watch, still changes this output, and so every stage after it
+        # the content of every file read, for the report and the records: DVC does not watch a
+        # file outside the workspace (Debian's fortunes), so after a package update it takes
+        # `dvc repro -f prepare` to see the new data; this output then changes, and every stage
+        # after it reruns
         "files_md5": {
             str(path): hashlib.md5(path.read_bytes()).hexdigest() for path in files_read(spec)
         },

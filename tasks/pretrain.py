@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tasks.config.params import Params, PretrainParams
-from tasks.data.datasets import load_meta, load_split
+from tasks.data.datasets import DataError, load_meta, load_split
 from tasks.data.tokens import TOKENIZER_FILE
 from tasks.frame import stage_command
 from tasks.learning import distributed
@@ -175,6 +175,8 @@ def _masked_lm(
     model: Classifier, tokens: dict, cfg: PretrainParams
 ) -> tuple[MaskedLm, MaskedTokens]:
     """The classifier's encoder under a seeded MLM head, and the objective that trains it."""
+    if "never_masked" not in tokens:
+        raise DataError("data/prepared/source was prepared by an older version; run prepare again")
     masked_lm = MaskedLm(model.backbone, tokens["vocab_size"])
     reset_parameters(masked_lm.head, torch.Generator().manual_seed(cfg.seed))
     objective = MaskedTokens(

@@ -368,3 +368,47 @@ def test_a_missing_encoder_directory_is_one_line(tmp_path: Path) -> None:
         )
     assert "model.pretrained_path" in str(err.value) and "nowhere" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_pretrain_refuses_texts_tokenised_for_another_encoder(
+    minilm_dir: Path, tmp_path: Path
+) -> None:
+    """`prepare` ran for our own encoder; the off-the-shelf one must not read those ids."""
+    from tasks.config.params import load_params
+    from tasks.prepare import prepare
+    from tasks.pretrain import pretrain
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace.layout import Layout
+    from tests.helpers import REPO
+
+    tiny = REPO / "tests" / "params.text.tiny.yaml"
+    layout = Layout(tmp_path / "ws")
+    prepare(load_params(tiny), layout, Recorder())
+    swapped = load_params(
+        tiny,
+        [
+            "model.backbone=pretrained",
+            f"model.pretrained_path={minilm_dir}",
+            "finetune.freeze_blocks=5",
+        ],
+    )
+    with pytest.raises(CheckpointError, match="run prepare again") as err:
+        pretrain(swapped, layout, Recorder())
+    assert "our own" in str(err.value) and "\n" not in str(err.value)
+    assert not layout.checkpoint.exists()
+
+
+def test_more_tokens_than_the_encoder_has_positions_is_refused(tmp_path: Path) -> None:
+    from tasks.config.params import ParamsError, load_params
+    from tests.helpers import REPO
+
+    encoder = tmp_path / "short-encoder"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(
+        '{"model_type": "bert", "num_hidden_layers": 4, "max_position_embeddings": 32}'
+    )
+    overrides = ["model.backbone=pretrained", f"model.pretrained_path={encoder}"]
+    tiny = REPO / "tests" / "params.text.tiny.yaml"
+    with pytest.raises(ParamsError, match=r"text\.max_tokens \(48\) exceeds the 32 positions"):
+        load_params(tiny, [*overrides, "text.max_tokens=48"])
+    assert load_params(tiny, [*overrides, "text.max_tokens=32"]).text.max_tokens == 32

@@ -57,7 +57,7 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
     for name, (spec, key) in datasets(params).items():
         if spec.kind == "fortunes":
             cipher = f", letters enciphered (seed {spec.cipher_seed})" if spec.cipher_seed else ""
-            read = load_meta(layout.prepared(name))["files_md5"]  # file -> md5
+            read = load_meta(layout.prepared(name)).get("files_md5", {})  # file -> md5
             hashes = ", ".join(v[:8] for v in read.values())
             origin = f"Debian's fortune files in `{spec.fortunes_dir}` (md5 {hashes}){cipher}"
         elif spec.path is not None:

@@ -46,8 +46,10 @@ class BuiltDataset:
 def files_read(spec: DatasetSpec) -> list[Path]:
     """The user's or the system's files a dataset is read from (none for a generator): what
     `prepare` records by md5, and what the report names."""
-    if spec.kind == "fortunes":
-        return [spec.fortunes_dir / str(name) for name in spec.classes or []]
+    if spec.kind == "fortunes":  # each class file, and the index and UTF-8 twin it may use
+        named = [spec.fortunes_dir / str(name) for name in spec.classes or []]
+        near = [p.with_name(p.name + end) for p in named for end in ("", ".dat", ".u8")]
+        return [path for path in near if path.is_file()]
     return [spec.path] if spec.path is not None else []
 
 

@@ -75,10 +75,10 @@ class MaskedLm(nn.Module):
 def unigram_accuracy(
     objective: MaskedTokens, train_ids: np.ndarray, val: DeviceData, batch_size: int
 ) -> float:
-    """The accuracy of always guessing the training texts' most frequent ordinary token at the
+    """The accuracy of always guessing the training texts' most frequent maskable token at the
     validation positions that `evaluate` masks (with the same `batch_size`): the baseline a
     masked-token accuracy must beat to show that the model learnt from context."""
-    ordinary = train_ids[~np.isin(train_ids, objective.special_ids)]
+    ordinary = train_ids[~np.isin(train_ids, objective.never_masked)]  # what can be a target
     commonest = int(np.bincount(ordinary).argmax())
     targets = [
         objective.inputs(
