@@ -158,8 +158,10 @@ def _off_the_shelf(
             f"{weights.weights_sha256}, prepared with {expected}); run prepare again"
         )
     arch = {"name": "pretrained", "config": weights.config, "pad_id": weights.pad_id}
-    model = build_classifier(arch, meta["num_classes"], seed=params.pretrain.seed)
-    model.backbone = PretrainedEncoder.from_files(weights)
+    # the encoder as read, under a seeded head (building a random encoder first would cost a
+    # second 22M-weight init for nothing)
+    model = Classifier(PretrainedEncoder.from_files(weights), meta["num_classes"], arch)
+    reset_parameters(model.head, torch.Generator().manual_seed(params.pretrain.seed))
     origin = {"pretrained_path": str(path), "weights_sha256": weights.weights_sha256}
     inputs = [path / weights.weights_file]
     with recorder.child("pretrain", tags=stage_tags("pretrain"), inputs=inputs) as stage:

@@ -55,16 +55,16 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
     names as stored."""
     lines = []
     for name, (spec, key) in datasets(params).items():
+        meta = load_meta(layout.prepared(name))
         if spec.kind == "fortunes":
             cipher = f", letters enciphered (seed {spec.cipher_seed})" if spec.cipher_seed else ""
-            read = load_meta(layout.prepared(name)).get("files_md5", {})  # file -> md5
+            read = meta.get("files_md5", {})  # file -> md5
             hashes = ", ".join(v[:8] for v in read.values())
             origin = f"Debian's fortune files in `{spec.fortunes_dir}` (md5 {hashes}){cipher}"
         elif spec.path is not None:
             origin = f"`{spec.path}` (md5 {md5(spec.path)})"
         else:
             origin = f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
-        meta = load_meta(layout.prepared(name))
         classes = ", ".join(f"`{c}`" for c in meta["classes"])
         shape = "x".join(map(str, meta["input_shape"]))
         shape = f"tokens {shape}" if spec.modality == "text" else f"(C, L) {shape}"

@@ -38,14 +38,17 @@ def encipher(texts: np.ndarray, seed: int) -> np.ndarray:
     The study's control: the words are gone, yet a text's class still shows in which
     (enciphered) words it uses, so the task stays learnable from scratch while pretraining on
     plain text has nothing to transfer. texts (N,) str -> (N,) str, each the same length."""
-    shift = np.random.default_rng(seed).permutation(26)  # (26,): letter i -> letter shift[i]
-    lower, upper = string.ascii_lowercase, string.ascii_uppercase
-    table = str.maketrans(
-        lower + upper,
-        "".join(lower[i] for i in shift) + "".join(upper[i] for i in shift),
-    )
+    table = _letter_table(np.random.default_rng(seed).permutation(26))
     texts = np.asarray(texts, dtype=str)
     return np.array([text.translate(table) for text in texts.tolist()], dtype=texts.dtype)
+
+
+def _letter_table(order: np.ndarray) -> dict[int, int]:
+    """A str.translate table that maps letter i to letter order[i] (26,), in either case."""
+    lower, upper = string.ascii_lowercase, string.ascii_uppercase
+    return str.maketrans(
+        lower + upper, "".join(lower[i] for i in order) + "".join(upper[i] for i in order)
+    )
 
 
 def _ciphered(spec: DatasetSpec, data: RawDataset) -> RawDataset:
@@ -255,10 +258,7 @@ def _fortune_text(path: Path) -> str:
 
 
 def _rot13(text: str) -> str:
-    lower, upper = string.ascii_lowercase, string.ascii_uppercase
-    return text.translate(
-        str.maketrans(lower + upper, lower[13:] + lower[:13] + upper[13:] + upper[:13])
-    )
+    return text.translate(_letter_table((np.arange(26) + 13) % 26))
 
 
 def _unstrike(text: str) -> str:
