@@ -31,14 +31,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.config.params import FinetuneParams, Params
+from tasks.config.params import FinetuneParams, Params, ParamsError
 from tasks.data.datasets import SPLITS, Labelled, load_meta, load_split
 from tasks.data.subsets import Budget, label_subset, resolve_budgets
 from tasks.frame import stage_command
 from tasks.learning import runtime
+from tasks.learning.augment import Augmented, build_augmentation
 from tasks.learning.ensemble import Member, fit_ensemble
 from tasks.learning.probe import ProbeResult, fit_probe
-from tasks.learning.train import DeviceData, evaluate
+from tasks.learning.train import SUPERVISED, DeviceData, evaluate
 from tasks.models.classifier import (
     VECTORISED,
     Classifier,
@@ -50,6 +51,7 @@ from tasks.models.classifier import (
     pretrained_classifier,
 )
 from tasks.models.frozen import UpperBlocks, frozen_states
+from tasks.models.vision import stage_count
 from tasks.recording.grid import GridRecords
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import contracts, files
@@ -204,15 +206,17 @@ def _network(
         # every seed x lr of this budget is one member of one vectorised ensemble
         starts = {seed: start(data, subset, cfg, seed) for seed, subset in subsets.items()}
         inputs = _inputs_from_frozen(data, starts, frozen_blocks(cfg), device)
+        transform = build_augmentation(cfg.augment, "finetune.augment")  # the same for all
         members = []
         for seed, subset in subsets.items():
             train = DeviceData.from_arrays(inputs["train"].take(subset), device)
+            objective = Augmented(SUPERVISED, transform, seed) if transform else SUPERVISED
             for lr in cfg.lrs:
                 model = copy.deepcopy(starts[seed].model)
                 freeze_lower(model, frozen_blocks(cfg))
                 for name, param in model.named_parameters():
                     param.requires_grad_(param.requires_grad or name in model.fresh)
-                members.append(Member(model, train, lr, seed))
+                members.append(Member(model, train, lr, seed, objective))
         scales = rate_scales(members[0].model, cfg, transfer)
         val = DeviceData.from_arrays(inputs["val"], device)
         vectorise = data.checkpoint["arch"]["name"] in VECTORISED
@@ -346,6 +350,12 @@ class TargetGrid:
         fingerprint = contracts.fingerprint("finetune", params, layout.root, target)
         self.progress = Progress(layout.finetune_progress(target), fingerprint)
         cfg = params.finetune
+        arch = self.data.checkpoint["arch"]
+        if arch["name"] == "timm":  # its stages are known once built (the flow checked before)
+            try:
+                cfg.check_partial(stage_count(arch["architecture"], arch["args"]))
+            except ValueError as err:
+                raise ParamsError(str(err)) from err
         budgets, notes = resolve_budgets(self.data.inputs["train"].y, cfg.fractions, cfg.shots)
         for note in notes:  # the report repeats them
             log.warning("%s: %s", target, note)

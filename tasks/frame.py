@@ -125,6 +125,8 @@ def preflight(params: Params, layout: Layout) -> None:
     `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
     for note in check_targets_fit(params.model, check_user_data(params)):
         log.warning("%s", note)
+    if params.model.backbone == "timm":
+        check_image_model(params)
     check_writable(
         layout.prepared("source").parent,
         layout.checkpoint.parent,
@@ -133,6 +135,22 @@ def preflight(params: Params, layout: Layout) -> None:
         *(layout.results(t).parent for t in params.targets),
     )
     check_tracking(tracking_uri())
+
+
+def check_image_model(params: Params) -> None:
+    """An image study's model: the timm architecture builds with its args, `partial` leaves it
+    a stage to train, and every augmentation is a torchvision transform that takes its args.
+    (The stages check the same when they come to it; here it costs a second, not a stage.)"""
+    from tasks.learning.augment import build_augmentation  # torchvision: a slow import
+    from tasks.models.vision import stage_count
+
+    model = params.model
+    try:
+        params.finetune.check_partial(stage_count(model.architecture, model.architecture_args))
+    except ValueError as err:
+        raise ParamsError(str(err)) from err
+    for section in ("pretrain", "finetune"):
+        build_augmentation(getattr(params, section).augment, f"{section}.augment")
 
 
 # --- the process: signals, errors and exit codes ----------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -19,6 +20,7 @@ from tasks.data.sources import (
     cuts_test,
     datasets,
     files_read,
+    image_params,
 )
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder, stage_tags
@@ -39,20 +41,23 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     with recorder.child("prepare", tags=stage_tags("prepare"), inputs=read) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {
-            name: build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            name: build_splits(spec, params.split, key, cuts_test(name), image_params(params))
             for name, (spec, key) in named.items()
         }
-        text: dict[str, Any] = {}  # what every text dataset's meta says of its token ids
+        # what every dataset's meta says of its token ids, or of off-the-shelf weights
+        shared: dict[str, Any] = {}
         if params.model.backbone in TEXT_BACKBONES:
-            built, text = _tokenized(params, built, layout)
+            built, shared = _tokenized(params, built, layout)
+        elif params.model.pretrained_path is not None:  # timm weights: pretrain checks them
+            shared = _weights_origin(params.model.pretrained_path, layout)
         for name, data in built.items():
-            meta = _meta(name, named[name][0], data) | text
+            meta = _meta(name, named[name][0], data) | shared
             sizes[name] = meta["sizes"]
             save_splits(layout.prepared(name), data.splits, meta)
             # an older run's split this one no longer writes (the test.npz once cut from the
             # source) must not pass for this run's
             keep = {f"{s}.npz" for s in data.splits} | {"meta.json"}
-            if text and name == SOURCE:
+            if "tokens" in shared and name == SOURCE:
                 keep.add(tokens.TOKENIZER_FILE)
             files.prune(layout.prepared(name), keep=keep)
             if note := small_validation(meta["val_class_counts"]):
@@ -76,13 +81,7 @@ def _tokenized(
     if pretrained is not None:
         from tasks.models.pretrained import read_pretrained_dir  # transformers: a slow import
 
-        if not pretrained.resolve().is_relative_to((layout.root / "data" / "raw").resolve()):
-            log.warning(
-                "model.pretrained_path %s is outside data/raw: DVC does not watch it, so "
-                "`dvc repro` will not notice new weights there (pretrain refuses them until "
-                "prepare runs again)",
-                pretrained,
-            )
+        _warn_outside_raw(pretrained, layout)
         encoder = read_pretrained_dir(pretrained)
         tokenizer = Tokenizer.from_str(encoder.tokenizer_json)
         pad_id, kind = encoder.pad_id, "pretrained"
@@ -106,6 +105,24 @@ def _tokenized(
     return encoded, {"tokens": tokens.describe(tokenizer, pad_id, kind), **origin}
 
 
+def _warn_outside_raw(pretrained: Path, layout: Layout) -> None:
+    if not pretrained.resolve().is_relative_to((layout.root / "data" / "raw").resolve()):
+        log.warning(
+            "model.pretrained_path %s is outside data/raw: DVC does not watch it, so "
+            "`dvc repro` will not notice new weights there (pretrain refuses them until "
+            "prepare runs again)",
+            pretrained,
+        )
+
+
+def _weights_origin(pretrained: Path, layout: Layout) -> dict[str, Any]:
+    """Off-the-shelf image weights' path and hash: pretrain checks that it still reads these
+    very weights, and DVC reruns it when they change (this stage's output changes with the
+    hash)."""
+    _warn_outside_raw(pretrained, layout)
+    return {"pretrained": {"path": str(pretrained), "sha256": files.sha256(pretrained)}}
+
+
 def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
     num_classes = len(data.classes)
     return {
@@ -114,7 +131,8 @@ def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
         # original label of each class index 0..K-1: JSON ints for integer labels, else strings
         "classes": data.classes,
         "num_classes": num_classes,
-        "input_shape": list(data.splits["train"].x.shape[1:]),  # (C, L); text: (max_tokens,)
+        # (C, L); images: (C, H, W); texts: (max_tokens,)
+        "input_shape": list(data.splits["train"].x.shape[1:]),
         "sizes": {split: len(part) for split, part in data.splits.items()},
         "test_source": data.test_source,  # "shipped" with the data, "cut" from it, or "none"
         # the content of every file read, for the report and the records: DVC does not watch a

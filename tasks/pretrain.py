@@ -13,6 +13,7 @@ from tasks.data.datasets import DataError, load_meta, load_split
 from tasks.data.tokens import TOKENIZER_FILE
 from tasks.frame import stage_command
 from tasks.learning import distributed
+from tasks.learning.augment import Augmented, build_augmentation
 from tasks.learning.mlm import MaskedLm, MaskedTokens, unigram_accuracy
 from tasks.learning.train import (
     SUPERVISED,
@@ -31,6 +32,7 @@ from tasks.models.classifier import (
 )
 from tasks.models.errors import CheckpointError
 from tasks.models.shapes import architecture, check_targets_fit
+from tasks.models.vision import load_off_the_shelf
 from tasks.recording.lineage import MD5_TAG, input_tags, md5
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import contracts, files
@@ -76,6 +78,8 @@ def _pretrain(
     meta = load_meta(source)
     if params.model.backbone == "pretrained":
         return _off_the_shelf(params, layout, recorder, meta, shard)
+    if params.model.pretrained_path is not None:  # timm: weights from a file
+        return _off_the_shelf_images(params, layout, recorder, meta, shard)
     train, val = (DeviceData.from_arrays(load_split(source, s), device) for s in ("train", "val"))
     arch = architecture(params.model, tuple(meta["input_shape"]), meta.get("tokens"))
     model = build_classifier(arch, meta["num_classes"], seed=cfg.seed).to(device)
@@ -84,6 +88,9 @@ def _pretrain(
     if cfg.objective == "mlm":
         trained, objective = _masked_lm(model, meta["tokens"], cfg)
         trained.to(device)
+    # images: training batches augmented
+    if transform := build_augmentation(cfg.augment, "pretrain.augment"):
+        objective = Augmented(objective, transform, cfg.seed)
 
     shipped_test = meta["test_source"] == "shipped"  # the source's own test split, if any
     inputs = [source / f"{split}.npz" for split in ("train", "val", "test")[: 2 + shipped_test]]
@@ -173,6 +180,41 @@ def _off_the_shelf(
     return summary
 
 
+def _prepared_weights(path: Path, meta: dict, sha256: str) -> None:
+    """Refuse off-the-shelf weights other than those `prepare` recorded (path and hash)."""
+    prepared = meta.get("pretrained", {})
+    if prepared.get("path") != str(path):
+        raise CheckpointError(
+            f"{path}: `prepare` ran for {prepared.get('path') or 'no'} off-the-shelf weights, "
+            "not these; run prepare again"
+        )
+    if sha256 != prepared["sha256"]:
+        raise CheckpointError(
+            f"{path}: changed since `prepare` read it (sha256 {sha256}, prepared with "
+            f"{prepared['sha256']}); run prepare again"
+        )
+
+
+def _off_the_shelf_images(
+    params: Params, layout: Layout, recorder: Recorder, meta: dict, shard: Shard
+) -> dict[str, float]:
+    """Off-the-shelf weights for the params' timm architecture, from a local file, in place of
+    pretraining: the checkpoint holds them under a seeded head for the source's classes."""
+    path = params.model.pretrained_path
+    sha256 = files.sha256(path)
+    _prepared_weights(path, meta, sha256)
+    arch = architecture(params.model, tuple(meta["input_shape"]))
+    model = build_classifier(arch, meta["num_classes"], seed=params.pretrain.seed)
+    load_off_the_shelf(model.backbone, path)
+    with recorder.child("pretrain", tags=stage_tags("pretrain"), inputs=[path]) as stage:
+        stage.log(params={"pretrained_path": str(path), "weights_sha256": sha256, **arch})
+        summary = {"epochs_run": 0}  # nothing trained here
+        if shard.rank == 0:
+            _write(params, layout, model, meta, summary, stage, [path])
+    log.info("off-the-shelf %s weights from %s (sha256 %s)", arch["architecture"], path, sha256)
+    return summary
+
+
 def _masked_lm(
     model: Classifier, tokens: dict, cfg: PretrainParams
 ) -> tuple[MaskedLm, MaskedTokens]:
@@ -247,7 +289,7 @@ def _describe(params: Params, meta: dict, summary: dict[str, float], data: dict[
     if "pretrained" in meta:
         origin = meta["pretrained"]
         return (
-            f"Off-the-shelf encoder from {origin['path']} (weights sha256 {origin['sha256']}), "
+            f"Off-the-shelf weights from {origin['path']} (sha256 {origin['sha256']}), "
             f"not trained here. Data: {files_read}."
         )
     return (

@@ -360,11 +360,13 @@ def leaf_keys(model: BaseModel, path: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """The params keys each stage reads, run in order on the tiny params (every strategy,
-    several targets), and again on the tiny text study's (its branches: tokenizer, encoder),
-    each stage with its own recording stand-in."""
-    text_params = load_params(REPO / "tests" / "params.text.tiny.yaml")
+    several targets), and again on the tiny text and image studies' (their branches: tokenizer,
+    encoder, image size, augmentation), each stage with its own recording stand-in."""
+    studies = [tiny_params, load_params(REPO / "tests" / "params.text.tiny.yaml")]
+    if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's; .ci/run installs it
+        studies.append(load_params(REPO / "tests" / "params.images.tiny.yaml"))
     found: dict[str, set[str]] = {stage: set() for stage in STAGES}
-    for study in (tiny_params, text_params):
+    for study in studies:
         layout = Layout(tmp_path_factory.mktemp("workspace"))
         for stage in STAGES:
             function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
@@ -409,6 +411,8 @@ SHIPPED_PARAMS = [
     "params.text.minilm.yaml",
     "tests/params.tiny.yaml",
     "tests/params.text.tiny.yaml",
+    "params.images.yaml",
+    "tests/params.images.tiny.yaml",
 ]
 
 

@@ -96,11 +96,11 @@ def test_params_are_frozen(tiny_params) -> None:
         ),
         (
             lambda d: d["source"].update(kind="parquet"),
-            "source.kind: Input should be 'mnist1d', 'npz', 'text' or 'fortunes'",
+            "source.kind: Input should be 'mnist1d', 'npz', 'text', 'fortunes', 'images' or 'idx'",
         ),
         (
             lambda d: d["model"].update(backbone="resnet"),
-            "model.backbone: Input should be 'cnn1d', 'mlp', 'transformer' or 'pretrained'",
+            "model.backbone: Input should be 'cnn1d', 'mlp', 'transformer', 'pretrained' or 'timm'",
         ),
         (
             lambda d: d["targets"]["shifted"].update(classes=[]),

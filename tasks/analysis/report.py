@@ -35,6 +35,10 @@ SHAPES = {  # what input shapes each backbone's pretrained input layer takes
     "pretrained": "Every text is encoded by the off-the-shelf encoder's own tokenizer, to the "
     "same number of tokens; its features are the mean of its last layer over a text's tokens "
     "(padding excluded).",
+    "timm": "`prepare` makes every image the same size and channel count (params `image`), so "
+    "the network takes every target as it is; its features are timm's global average pool of "
+    "its last stage. Blocks (for `partial` and layer-wise decay) are timm's feature stages, the "
+    "stem first.",
 }
 
 
@@ -61,17 +65,41 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
             read = meta.get("files_md5", {})  # file -> md5
             hashes = ", ".join(v[:8] for v in read.values())
             origin = f"Debian's fortune files in `{spec.fortunes_dir}` (md5 {hashes}){cipher}"
+        elif spec.kind in ("images", "idx"):  # a folder: its files' md5s, where few
+            hashes = ", ".join(v[:8] for v in meta.get("files_md5", {}).values())
+            origin = f"{spec.kind} folder `{spec.path}`" + (f" (md5 {hashes})" if hashes else "")
         elif spec.path is not None:
             origin = f"`{spec.path}` (md5 {md5(spec.path)})"
         else:
             origin = f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
+        if spec.scramble_seed is not None:
+            origin += f", pixels scrambled (seed {spec.scramble_seed})"
         classes = ", ".join(f"`{c}`" for c in meta["classes"])
         shape = "x".join(map(str, meta["input_shape"]))
-        shape = f"tokens {shape}" if spec.modality == "text" else f"(C, L) {shape}"
+        shape = f"{SHAPE_NAMES[params.model.backbone]} {shape}"
         sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
         role = f"; {_pretraining(params, meta)}" if name == "source" else ""
         lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}{role}")
     return lines
+
+
+def _augmentation(params: Params) -> list[str]:
+    """The method's line on augmentation: images only, where params declare some."""
+    steps = params.finetune.augment
+    if not steps:
+        return []
+    named = ", ".join(f"`{name}({args or ''})`" for step in steps for name, args in step.items())
+    return [
+        f"- **Augmentation.** Every network strategy, scratch included, trains on training "
+        f"images transformed by torchvision's {named}, a draw per image; validation and test "
+        "images are never transformed."
+    ]
+
+
+SHAPE_NAMES = {  # what a dataset's input shape counts, by backbone
+    **{"cnn1d": "(C, L)", "mlp": "(C, L)", "timm": "(C, H, W)"},
+    **{"transformer": "tokens", "pretrained": "tokens"},
+}
 
 
 def _pretraining(params: Params, source_meta: dict) -> str:
@@ -80,8 +108,8 @@ def _pretraining(params: Params, source_meta: dict) -> str:
     if "pretrained" in source_meta:
         origin = source_meta["pretrained"]
         return (
-            f"**not pretrained here**: the off-the-shelf encoder `{origin['path']}` (weights "
-            f"sha256 {origin['sha256'][:12]}) stands in for it; only its texts were tokenised"
+            f"**not pretrained here**: the off-the-shelf weights `{origin['path']}` (sha256 "
+            f"{origin['sha256'][:12]}) stand in for it; it only names the classes"
         )
     if params.pretrain.objective == "mlm":
         return "pretrained by masked-language modelling on its texts (labels unused)"
@@ -243,6 +271,7 @@ def render(
         "(layer-wise decay; 1: none). `lp_ft`: the probe's solution as the head, then "
         f"`finetune` (Kumar et al. 2022). `partial`: `finetune` with the first "
         f"{cfg.freeze_blocks} backbone block(s) frozen (and a text encoder's embeddings).",
+        *_augmentation(params),
         f"- **Tuning budget.** Every network strategy, scratch included, tries learning rates "
         f"{cfg.lrs} with Adam, early stopping on validation accuracy (patience "
         f"{cfg.patience}, at most {cfg.max_epochs} epochs); the probe tries L2 strengths "

@@ -69,12 +69,16 @@ class Mnist1dArgs(_Frozen):
 
 SIGNAL_KINDS = ("mnist1d", "npz")
 TEXT_KINDS = ("text", "fortunes")
+IMAGE_KINDS = ("images", "idx", "npz")  # npz holds signals or images: the backbone says which
 TEXT_BACKBONES = ("transformer", "pretrained")
+IMAGE_BACKBONES = ("timm",)
+Modality = Literal["signal", "text", "image"]
+FOLDER_KINDS = ("images", "idx")  # `path` names a folder
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's fortunes packages put them
 
 
 class DatasetSpec(_Frozen):
-    kind: Literal["mnist1d", "npz", "text", "fortunes"]
+    kind: Literal["mnist1d", "npz", "text", "fortunes", "images", "idx"]
     # labels to keep as stored (ints or strings, matched by their text: 1 matches '1'),
     # relabelled 0..K-1 in this order; null: all, sorted
     classes: list[int | str] | None = None
@@ -96,10 +100,18 @@ class DatasetSpec(_Frozen):
     # kinds text and fortunes: replace each letter by another, the same throughout (a seeded
     # substitution cipher): the words are gone, the task stays learnable (a control)
     cipher_seed: Seed | None = None
+    # images: permute every image's pixels by one seeded permutation, the same for all: the
+    # spatial structure is gone, the pixel values stay (a control)
+    scramble_seed: Seed | None = None
 
     @property
-    def modality(self) -> Literal["signal", "text"]:
-        return "text" if self.kind in TEXT_KINDS else "signal"
+    def modalities(self) -> tuple[Modality, ...]:
+        """What this kind can hold: npz holds signals or images (the backbone decides)."""
+        if self.kind in TEXT_KINDS:
+            return ("text",)
+        if self.kind == "npz":
+            return ("signal", "image")
+        return ("image",) if self.kind in IMAGE_KINDS else ("signal",)
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -131,7 +143,7 @@ class DatasetSpec(_Frozen):
             )
         if self.kind != "mnist1d" and self.generator is not None:
             raise ValueError("'generator' is only for kind mnist1d")
-        if self.kind in ("npz", "text") and self.path is None:
+        if self.kind in ("npz", "text", "images", "idx") and self.path is None:
             raise ValueError(f"kind {self.kind} needs 'path'")
         if self.kind == "fortunes" and not self.classes:
             raise ValueError("kind fortunes needs 'classes', its files: e.g. [people, law]")
@@ -139,9 +151,10 @@ class DatasetSpec(_Frozen):
             "unequal_lengths": ("npz",),
             "text_column": ("text",),
             "label_column": ("text",),
-            "max_per_class": ("fortunes",),
+            "max_per_class": ("fortunes", *IMAGE_KINDS),
             "max_chars": ("fortunes",),
             "cipher_seed": TEXT_KINDS,
+            "scramble_seed": IMAGE_KINDS,
         }
         for key, kinds in only.items():
             # set to other than its default (a dumped and reloaded spec sets every key)
@@ -173,8 +186,9 @@ class SplitParams(_Frozen):
 
 class ModelParams(_Frozen):
     # signals: cnn1d, mlp; text: transformer (ours, pretrained here) or pretrained (a Hugging
-    # Face encoder from the directory `pretrained_path`, used in place of pretraining)
-    backbone: Literal["cnn1d", "mlp", "transformer", "pretrained"] = "cnn1d"
+    # Face encoder from the directory `pretrained_path`, used in place of pretraining); images:
+    # timm (the timm architecture `architecture`, built with `architecture_args`)
+    backbone: Literal["cnn1d", "mlp", "transformer", "pretrained", "timm"] = "cnn1d"
     channels: list[PositiveInt] = Field(default_factory=lambda: [32, 32, 32])
     kernel_size: PositiveInt = 5
     hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 256])
@@ -183,26 +197,37 @@ class ModelParams(_Frozen):
     layers: PositiveInt = 4
     heads: PositiveInt = 4
     ff_width: PositiveInt = 256
+    # timm: a model name of timm.list_models() (ResNets, ConvNeXts, EfficientNets...), and
+    # keyword args of its constructor, e.g. {channels: [16, 32, 64, 128]} for a small ResNet
+    architecture: str = "resnet18"
+    architecture_args: dict[str, Any] = Field(default_factory=dict)
+    # pretrained: the Hugging Face encoder's directory; timm: a weights file for `architecture`
+    # (.safetensors, .pth, .bin: timm's or torchvision's), used in place of pretraining
     pretrained_path: Path | None = None
 
     @model_validator(mode="after")
     def _backbone_fields(self) -> ModelParams:
         if self.backbone == "pretrained" and self.pretrained_path is None:
             raise ValueError("model.backbone pretrained needs model.pretrained_path")
-        if self.backbone != "pretrained" and self.pretrained_path is not None:
-            raise ValueError("model.pretrained_path is only for model.backbone pretrained")
+        if self.backbone not in ("pretrained", "timm") and self.pretrained_path is not None:
+            raise ValueError("model.pretrained_path is only for model.backbone pretrained or timm")
+        if self.backbone != "timm" and (self.architecture != "resnet18" or self.architecture_args):
+            raise ValueError("model.architecture and architecture_args are only for backbone timm")
         if self.backbone == "transformer" and self.width % self.heads:
             raise ValueError(f"model.width ({self.width}) must be a multiple of model.heads")
         return self
 
     @property
-    def modality(self) -> Literal["signal", "text"]:
-        return "text" if self.backbone in TEXT_BACKBONES else "signal"
+    def modality(self) -> Modality:
+        if self.backbone in TEXT_BACKBONES:
+            return "text"
+        return "image" if self.backbone in IMAGE_BACKBONES else "signal"
 
     @property
     def depth(self) -> int | None:
         """The backbone's blocks, counted from the input (what `partial` freezes a prefix of);
-        None for a pretrained encoder: its config says (checked by `load_params`)."""
+        None for a pretrained encoder or a timm model: its config or architecture says
+        (checked by `load_params`)."""
         if self.backbone == "cnn1d":
             return len(self.channels)
         if self.backbone == "mlp":
@@ -223,6 +248,27 @@ class TextParams(_Frozen):
     lowercase: bool = True
 
 
+class ImageParams(_Frozen):
+    """What every image becomes in `prepare` (image kinds only): (channels, *size) floats in
+    [0, 1], cached in data/prepared so that no later stage decodes an image again."""
+
+    size: tuple[PositiveInt, PositiveInt] = (28, 28)  # (height, width)
+    # 1: grey, 3: colour. Grey images feed a colour backbone with their one channel repeated
+    # 3 times; colour images become grey by ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B,
+    # Pillow's convert("L")); alpha is dropped
+    channels: Literal[1, 3] = 1
+    # images of another size: resize them (bilinear, antialiased), or refuse them
+    resize: bool = True
+    # an image folder holding grey and colour images: convert them all (the rule above), or
+    # refuse the folder
+    mixed_channels: Literal["convert", "refuse"] = "convert"
+
+
+# An augmentation: one torchvision.transforms.v2 class by name, with its keyword args, e.g.
+# {RandomCrop: {size: 28, padding: 2}}; applied to each training image, never to val or test
+Augmentation = dict[str, dict[str, Any]]
+
+
 class TrainParams(_Frozen):
     """The knobs of one supervised training run; shared by pretraining and fine-tuning."""
 
@@ -230,6 +276,20 @@ class TrainParams(_Frozen):
     patience: PositiveInt = 5
     batch_size: PositiveInt = 128
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    # images: torchvision.transforms.v2 transforms of each training image, in order (the same
+    # for every strategy); checked when params load
+    augment: list[Augmentation] = Field(default_factory=list)
+
+    @field_validator("augment")
+    @classmethod
+    def _one_transform_each(cls, augment: list[Augmentation]) -> list[Augmentation]:
+        for i, step in enumerate(augment):
+            if len(step) != 1:
+                raise ValueError(
+                    f"entry {i}: name one transform with its args, e.g. "
+                    "{RandomCrop: {size: 28, padding: 2}}"
+                )
+        return augment
 
 
 class PretrainParams(TrainParams):
@@ -282,6 +342,14 @@ class FinetuneParams(TrainParams):
             raise ValueError("finetune needs at least one label budget in fractions or shots")
         return self
 
+    def check_partial(self, blocks: int) -> None:
+        """`partial` must leave a block of the backbone's `blocks` to train."""
+        if "partial" in self.strategies and self.freeze_blocks >= blocks:
+            raise ValueError(
+                f"finetune.freeze_blocks ({self.freeze_blocks}) must be below the number of "
+                f"backbone blocks ({blocks}), or 'partial' trains no block"
+            )
+
     @field_validator("strategies")
     @classmethod
     def _needs_baseline(cls, strategies: list[str]) -> list[str]:
@@ -325,6 +393,7 @@ class Params(_Frozen):
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
     text: TextParams = TextParams()
+    image: ImageParams = ImageParams()
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
@@ -338,27 +407,30 @@ class Params(_Frozen):
     @model_validator(mode="after")
     def _partial_leaves_a_block_to_train(self) -> Params:
         if self.model.depth is not None:
-            self.check_partial(self.model.depth)
+            self.finetune.check_partial(self.model.depth)
         return self
-
-    def check_partial(self, blocks: int) -> None:
-        if "partial" in self.finetune.strategies and self.finetune.freeze_blocks >= blocks:
-            raise ValueError(
-                f"finetune.freeze_blocks ({self.finetune.freeze_blocks}) must be below the "
-                f"number of backbone blocks ({blocks}), or 'partial' trains no block"
-            )
 
     @model_validator(mode="after")
     def _one_modality(self) -> Params:
         """Every dataset is of the backbone's modality; MLM needs texts and our transformer."""
         wanted = self.model.modality
         for key, spec in [("source", self.source), *self.targets_by_key.items()]:
-            if spec.modality != wanted:
-                fits = "transformer or pretrained" if spec.modality == "text" else "cnn1d or mlp"
+            if wanted not in spec.modalities:
+                held = spec.modalities[0]
+                fits = {
+                    "text": "transformer or pretrained",
+                    "image": "timm",
+                    "signal": "cnn1d or mlp",
+                }[held]
                 raise ValueError(
-                    f"{key}: kind {spec.kind} holds {spec.modality}s, but model.backbone "
+                    f"{key}: kind {spec.kind} holds {held}s, but model.backbone "
                     f"{self.model.backbone} takes {wanted}s (use {fits})"
                 )
+            if wanted != "image" and spec.scramble_seed is not None:
+                raise ValueError(f"{key}.scramble_seed: only for images")
+        for section in ("pretrain", "finetune"):
+            if wanted != "image" and getattr(self, section).augment:
+                raise ValueError(f"{section}.augment: only for images (model.backbone timm)")
         if self.pretrain.objective == "mlm" and self.model.backbone != "transformer":
             raise ValueError("pretrain.objective mlm needs model.backbone transformer")
         if self.pretrain.objective == "mlm" and self.pretrain.processes > 1:
@@ -491,11 +563,15 @@ def _check_paths_exist(params: Params, path: Path) -> None:
     for key, spec in {"source": params.source, **params.targets_by_key}.items():
         if spec.kind == "fortunes":
             _check_fortunes(spec, key, path)
-        elif spec.path is not None and not spec.path.is_file():
+        elif spec.kind in FOLDER_KINDS and spec.path is not None and not spec.path.is_dir():
+            raise ParamsError(f"{path}: {key}.path: folder {str(spec.path)!r} does not exist")
+        elif spec.kind not in FOLDER_KINDS and spec.path is not None and not spec.path.is_file():
             raise ParamsError(f"{path}: {key}.path: file {str(spec.path)!r} does not exist")
     model = params.model.pretrained_path
-    if model is not None:
+    if model is not None and params.model.backbone == "pretrained":
         _check_pretrained_depth(params, model, path)
+    if model is not None and params.model.backbone == "timm" and not model.is_file():
+        raise ParamsError(f"{path}: model.pretrained_path: file {str(model)!r} does not exist")
 
 
 def _check_pretrained_depth(params: Params, model: Path, path: Path) -> None:
@@ -520,7 +596,7 @@ def _check_pretrained_depth(params: Params, model: Path, path: Path) -> None:
             f"positions of the encoder in {model}"
         )
     try:
-        params.check_partial(int(layers))
+        params.finetune.check_partial(int(layers))
     except ValueError as err:
         raise ParamsError(f"{path}: {err}") from err
 

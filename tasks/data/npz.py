@@ -22,7 +22,7 @@ SHOWN = 5  # labels named in one message at most
 # --- the file ---------------------------------------------------------------------
 
 
-def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+def npz_arrays(path: Path) -> dict[str, np.ndarray]:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
@@ -62,7 +62,7 @@ def _object_array_message(path: Path, key: str) -> str:
     return f"{path}: '{key}' is an object array, which cannot be loaded safely; {fix}"
 
 
-def _check_keys(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def check_keys(path: Path, arrays: dict[str, np.ndarray]) -> None:
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{path}: missing array '{key}' (found: {sorted(arrays) or 'none'})")
@@ -251,7 +251,7 @@ def listed(labels: Sequence[int | str]) -> str:
     return f"{list(labels[:SHOWN])}{more}"
 
 
-def _check_test_labels(path: Path, y: np.ndarray, y_test: np.ndarray) -> None:
+def check_test_labels(path: Path, y: np.ndarray, y_test: np.ndarray) -> None:
     """Every test label must be a training label (matched by text, as `keep_classes` does)."""
     seen = set(y.astype(str).tolist())
     unseen = [label for label in sorted_labels(y_test) if str(label) not in seen]
@@ -265,8 +265,8 @@ def _check_test_labels(path: Path, y: np.ndarray, y_test: np.ndarray) -> None:
 def read_npz(spec: DatasetSpec, key: str) -> RawDataset:
     """A user's arrays: x (N, L) or (N, C, L), y (N,), and optionally x_test, y_test."""
     path = spec.path
-    arrays = _npz_arrays(path)
-    _check_keys(path, arrays)
+    arrays = npz_arrays(path)
+    check_keys(path, arrays)
     pairs = [("x", "y")] + ([("x_test", "y_test")] if "x_test" in arrays else [])
     series, labels = {}, {}
     for xname, yname in pairs:
@@ -274,7 +274,7 @@ def read_npz(spec: DatasetSpec, key: str) -> RawDataset:
         series[xname] = _series(path, xname, arrays[xname])
         labels[yname] = canonical_labels(path, yname, arrays[yname])
     if "y_test" in labels:
-        _check_test_labels(path, labels["y"], labels["y_test"])
+        check_test_labels(path, labels["y"], labels["y_test"])
     x = _fit_lengths(spec, key, series)
     test = Labelled(x["x_test"], labels["y_test"]) if "x_test" in x else None
     return RawDataset(pool=Labelled(x["x"], labels["y"]), test=test)

@@ -1,7 +1,7 @@
-"""Dataset sources, a registry by `kind`: the built-in MNIST-1D generator and a user's arrays
-in .npz (tasks/data/npz.py). Each loads, checks and returns raw arrays with their labels as
-stored; `build_splits` keeps the wanted classes and turns them into the fixed, stratified splits
-that `prepare` writes."""
+"""Dataset sources, a registry by `kind`: the built-in MNIST-1D generator, a user's arrays in .npz
+(tasks/data/npz.py), texts (tasks/data/text.py) and images (tasks/data/images.py). Each loads,
+checks and returns raw arrays with their labels as stored; `build_splits` keeps the wanted
+classes and turns them into the fixed, stratified splits that `prepare` writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from typing import Literal
 
 import numpy as np
 
-from tasks.config.params import DatasetSpec, Mnist1dArgs, Params, SplitParams
+from tasks.config.params import (
+    IMAGE_BACKBONES,
+    DatasetSpec,
+    ImageParams,
+    Mnist1dArgs,
+    Params,
+    SplitParams,
+)
 from tasks.data.datasets import (
     SPLITS,
     DataError,
@@ -21,6 +28,7 @@ from tasks.data.datasets import (
     keep_classes,
     stratified_split,
 )
+from tasks.data.images import image_files, read_images
 from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.data.npz import listed, read_npz, sorted_labels
 from tasks.data.text import read_fortunes, read_text_table
@@ -32,15 +40,14 @@ TestSource = Literal["shipped", "cut", "none"]
 @dataclass(frozen=True)
 class BuiltDataset:
     splits: dict[str, Labelled]  # train, val, and test unless test_source is "none"; x: (N, C, L)
-    # signals, or (N,) texts until `prepare` makes them (N, max_tokens) token ids
+    # signals, (N, C, H, W) images, or (N,) texts until `prepare` makes them (N, max_tokens) ids
     classes: list[int | str]  # the original label of each class index 0..K-1
     test_source: TestSource  # the test split: shipped with the data, cut from it, or none
 
     @property
-    def input_shape(self) -> tuple[int, int]:
-        """(C, L) of every example."""
-        channels, length = self.splits["train"].x.shape[1:]
-        return channels, length
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, L) or (C, H, W) of every example."""
+        return tuple(self.splits["train"].x.shape[1:])
 
 
 def files_read(spec: DatasetSpec) -> list[Path]:
@@ -50,6 +57,8 @@ def files_read(spec: DatasetSpec) -> list[Path]:
         named = [spec.fortunes_dir / str(name) for name in spec.classes or []]
         near = [p.with_name(p.name + end) for p in named for end in ("", ".dat", ".u8")]
         return [path for path in near if path.is_file()]
+    if spec.kind in ("images", "idx"):
+        return image_files(spec)
     return [spec.path] if spec.path is not None else []
 
 
@@ -119,13 +128,18 @@ def _cut(
 
 
 def build_splits(
-    spec: DatasetSpec, split: SplitParams, key: str, cut_test: bool = True
+    spec: DatasetSpec,
+    split: SplitParams,
+    key: str,
+    cut_test: bool = True,
+    image: ImageParams | None = None,
 ) -> BuiltDataset:
     """Load a dataset by its kind (`key`: its params key), keep its classes, relabel them
     0..K-1, and cut fixed stratified splits: train and val from its pool, and as test the
-    arrays it ships, else a cut from the pool if `cut_test`, else none."""
+    arrays it ships, else a cut from the pool if `cut_test`, else none. With `image` (an image
+    study), its examples are images of that size and channels."""
     where = describe(spec, key)
-    raw = SOURCES[spec.kind](spec, key)
+    raw = read_images(spec, key, image) if image is not None else SOURCES[spec.kind](spec, key)
     classes = _chosen_classes(spec, raw.pool.y, where)
     pool = keep_classes(raw.pool, classes, where)
     if raw.test is not None:
@@ -149,18 +163,24 @@ def datasets(params: Params) -> dict[str, tuple[DatasetSpec, str]]:
     return named | {name: (spec, f"targets.{name}") for name, spec in params.targets.items()}
 
 
+def image_params(params: Params) -> ImageParams | None:
+    """What every image becomes, in an image study; None otherwise."""
+    return params.image if params.model.backbone in IMAGE_BACKBONES else None
+
+
 def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
     """Read and check every user data file as `prepare` will, writing nothing: the pre-flight
-    check before a run. Returns each dataset's input shape, (C, L) or (max_tokens,) for texts;
-    built-in generators are not run (they cost real time): their shape follows from their
-    params."""
+    check before a run. Returns each dataset's input shape, (C, L), (C, H, W) for images or
+    (max_tokens,) for texts; built-in generators are not run (they cost real time): their shape
+    follows from their params."""
     shapes = {}
+    image = image_params(params)
     for name, (spec, key) in datasets(params).items():
-        if spec.modality == "text":  # cheap to read: the fortunes are read, too
+        if params.model.modality == "text":  # cheap to read: the fortunes are read, too
             build_splits(spec, params.split, key, cut_test=cuts_test(name))
             shapes[name] = (params.text.max_tokens,)
         elif spec.path is not None:
-            built = build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            built = build_splits(spec, params.split, key, cuts_test(name), image)
             shapes[name] = built.input_shape
         else:
             shapes[name] = (1, spec.generator_args.final_seq_length)

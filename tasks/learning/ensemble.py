@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from tasks.config.params import TrainParams
-from tasks.learning.train import DeviceData, FitResult, autocast, fit
+from tasks.learning.train import SUPERVISED, DeviceData, FitResult, Objective, autocast, fit
 
 # torch.optim.Adam's defaults, which `tasks.learning.train.fit` uses
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -46,6 +46,9 @@ class Member:
     train: DeviceData  # this run's training subset
     lr: float  # its learning rate, scaled per parameter by `lr_scale`
     seed: int  # its data order
+    # what its batches feed the model: their labels, or augmented images (one after another
+    # only: the stack trains on labels)
+    objective: Objective = SUPERVISED
 
 
 def fit_ensemble(
@@ -84,7 +87,10 @@ def _fit_alone(
         if param.requires_grad:
             groups.setdefault(lr_scale(name), []).append(param)
     param_groups = [{"params": ps, "lr": member.lr * scale} for scale, ps in groups.items()]
-    return fit(model, param_groups, member.train, val, cfg, seed=member.seed), model
+    result = fit(
+        model, param_groups, member.train, val, cfg, seed=member.seed, objective=member.objective
+    )
+    return result, model
 
 
 def _trainable(model: nn.Module) -> list[str]:
@@ -95,6 +101,8 @@ class _Stack:
     """Members with training sets of one size, trained in lockstep until each one stops."""
 
     def __init__(self, members: list[Member], cfg: TrainParams, lr_scale: Callable[[str], float]):
+        if any(member.objective is not SUPERVISED for member in members):
+            raise ValueError("a stack trains on labels only; fit other objectives alone")
         self.members, self.cfg = members, cfg
         first = members[0].model
         self.device = members[0].train.y.device

@@ -1,6 +1,11 @@
-"""Where and how a stage computes: device choice and the intra-op thread count."""
+"""Where and how a stage computes: device choice, the intra-op thread count, and torch's
+process-wide random generator, shared by the threads a Prefect flow runs groups in."""
 
 from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -32,3 +37,18 @@ def configure(runtime: RuntimeParams) -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return device
+
+
+_PROCESS_RNG = threading.RLock()  # re-entrant: a guarded constructor may build another
+
+
+@contextlib.contextmanager
+def seeded_process_rng(seed: int, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Torch's process-wide generator (and `devices`' CUDA ones), seeded with `seed`, for this
+    thread alone, and restored afterwards. For library code that draws from it and takes no
+    generator (timm's weight init, torchvision's random transforms): our own draws use
+    generators of their own. Two threads both inside would interleave their draws, so they
+    take turns; any other code that draws from it unguarded breaks the guarantee."""
+    with _PROCESS_RNG, torch.random.fork_rng(devices=list(devices)):
+        torch.manual_seed(seed)
+        yield

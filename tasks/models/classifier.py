@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.learning.runtime import seeded_process_rng
 from tasks.models.errors import CheckpointError
 from tasks.models.shapes import input_args
 from tasks.models.transformer import TextEncoder, seeded_init
+from tasks.models.vision import reset_image_layer
 from tasks.workspace import files
 
 CHECKPOINT_FORMAT = 2  # 2: cnn1d pools over time (format 1 flattened)
@@ -62,6 +64,12 @@ class Mlp(nn.Module):
         return x
 
 
+def _timm_backbone(arch: dict[str, Any]) -> nn.Module:
+    from tasks.models.vision import TimmBackbone  # timm: a slow import
+
+    return TimmBackbone(arch["architecture"], arch["in_chans"], arch["args"])
+
+
 def _pretrained_encoder(arch: dict[str, Any]) -> nn.Module:
     from tasks.models.pretrained import PretrainedEncoder  # transformers: a slow import
 
@@ -76,12 +84,16 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
         pad_id=a["pad_id"],
     ),
     "pretrained": _pretrained_encoder,  # arch: the encoder's Hugging Face config and pad id
+    "timm": _timm_backbone,  # arch: timm's model name and args, and the input's channels
 }
 
 
 # backbones whose fine-tuning runs train as one vectorised ensemble (tasks/learning/ensemble.py):
 # small networks whose steps are bound by per-operation overhead. Text encoders train one run
-# after another: stacked, their steps took 1.2x as long on CPU (bench/text_ensemble.py).
+# after another: stacked, their steps took 1.2x as long on CPU (bench/text_ensemble.py); so do
+# timm's image networks: the stack passes parameters only, and their buffers (batch-norm
+# statistics) would have to be stacked per member too, and even so 6 stacked ResNets stepped no
+# faster than one after another (0.91-0.98x, bench/image_ensemble.py).
 VECTORISED = frozenset({"cnn1d", "mlp"})
 
 
@@ -112,6 +124,8 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
         if not own:
             continue
         if seeded_init(module, generator):  # embeddings, norms, attention (and its out_proj)
+            continue
+        if reset_image_layer(module, generator):  # Conv2d, batch and group norms
             continue
         if not isinstance(module, nn.Linear | nn.Conv1d):
             raise TypeError(f"no seeded init for {type(module).__name__}; add it here")
@@ -147,7 +161,11 @@ def depth_below_head(model: Classifier) -> dict[str, int]:
 
 def build_classifier(arch: dict[str, Any], num_classes: int, seed: int) -> Classifier:
     """A freshly initialised classifier; the same seed gives the same weights in any thread."""
-    model = Classifier(BACKBONES[arch["name"]](arch), num_classes, arch)
+    # layers initialise themselves from torch's process-wide generator as they are built
+    # (timm's too): under its lock, so that they draw nothing from under another thread's
+    # seeded augmentation; their weights are then drawn from the run's own generator
+    with seeded_process_rng(seed):
+        model = Classifier(BACKBONES[arch["name"]](arch), num_classes, arch)
     reset_parameters(model, torch.Generator().manual_seed(seed))
     return model
 

@@ -16,6 +16,8 @@ def input_args(backbone: str, input_shape: tuple[int, ...]) -> dict[str, int]:
     """The architecture's args that depend on the input's shape (C, L): the first layer's."""
     if backbone in TEXT_BACKBONES:
         return {}
+    if backbone == "timm":  # any size: it pools over space; `prepare` gives every dataset
+        return {"in_chans": input_shape[0]}  # the channels of params' image.channels
     in_channels, length = input_shape
     if backbone == "cnn1d":
         return {"in_channels": in_channels}  # any length: it pools over time
@@ -33,6 +35,8 @@ def architecture(
         arch |= {"channels": list(model.channels), "kernel_size": model.kernel_size}
     elif model.backbone == "mlp":
         arch |= {"hidden": list(model.hidden)}
+    elif model.backbone == "timm":
+        arch |= {"architecture": model.architecture, "args": dict(model.architecture_args)}
     elif model.backbone == "transformer":
         arch |= {
             **{"width": model.width, "layers": model.layers, "heads": model.heads},
@@ -77,8 +81,8 @@ def transfer_note(arch: dict[str, Any], target: str, shape: tuple[int, int]) -> 
 def check_targets_fit(model: ModelParams, shapes: dict[str, tuple[int, int]]) -> list[str]:
     """Before pretraining (pre-flight, and the pretrain stage): `transfer_note` for every target.
     `shapes`: (C, L) of every dataset, "source" included."""
-    if model.modality == "text":
-        return []  # one tokenizer, one length: every text fits
+    if model.modality != "signal":
+        return []  # texts: one tokenizer, one length; images: one size, one channel count
     arch = architecture(model, shapes["source"])
     notes = [
         transfer_note(arch, name, shape) for name, shape in shapes.items() if name != "source"

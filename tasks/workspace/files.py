@@ -108,6 +108,15 @@ def fingerprint(config: Any, paths: Iterable[Path | str]) -> str:
     return digest.hexdigest()
 
 
+def sha256(path: Path) -> str:
+    """The file's sha256 (as `sha256sum` gives it), read in chunks: weights files are large."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def write_npz(path: Path | str, **arrays: np.ndarray) -> None:
     """Like np.savez, but byte-for-byte reproducible: np.savez stamps the current time into the
     zip, which would give DVC a new hash for the same arrays and rerun everything downstream."""
