@@ -1,5 +1,5 @@
 """Seconds per training step of M image classifiers (the image study's ResNet: timm resnet18 with
-stage widths 16, 32, 64, 128 and stem_width 16, 28x28 grey images, batch 32, 5 classes) trained
+stage widths 16, 32, 64, 128, 28x28 grey images, batch 32, 5 classes) trained
 as one vmapped ensemble (`tasks.learning.ensemble._Stack`, the fine-tuning grid's path for small
 networks) against the same M trained one after another with plain `torch.optim.Adam` steps;
 prints the ratio stacked / separate.
@@ -64,11 +64,11 @@ from tasks.learning.ensemble import Member, _Stack
 from tasks.learning.train import DeviceData, autocast
 from tasks.models.classifier import Classifier, build_classifier
 
-CHANNELS, STEM, SIZE, BATCH, CLASSES, GROUPS = [16, 32, 64, 128], 16, 28, 32, 5, 4
+CHANNELS, SIZE, BATCH, CLASSES, GROUPS = [16, 32, 64, 128], 28, 32, 5, 4
 
 
 def arch(norm: str) -> dict[str, Any]:
-    args: dict[str, Any] = {"channels": CHANNELS, "stem_width": STEM}
+    args: dict[str, Any] = {"channels": CHANNELS}
     if norm == "groupnorm":
         from timm.layers import GroupNorm  # timm's: num_channels first, as timm calls it
 
@@ -247,7 +247,7 @@ def main() -> None:
     print(machine(args.threads))
     stem = build_classifier(arch("batchnorm"), CLASSES, 0).backbone.net.conv1
     print(
-        f"resnet18 widths {CHANNELS}, stem_width {STEM} (timm's default stem ignores it: "
+        f"resnet18 widths {CHANNELS} (timm's default stem: "
         f"conv1 {stem.out_channels} wide, {stem.kernel_size[0]}x{stem.kernel_size[1]} stride "
         f"{stem.stride[0]}), {SIZE}x{SIZE} grey, batch {BATCH}, {CLASSES} classes, "
         f"{args.members} members, {args.steps} steps per run"

@@ -187,7 +187,7 @@ def main() -> None:
     if stage.augment:
         from tasks.learning.augment import build_augmentation  # torchvision: images only
 
-        transform = build_augmentation(stage.augment)
+        transform = build_augmentation(stage.augment, f"{args.stage}.augment")
 
     classes = len(params.source.classes or range(10))
     data = torch.Generator().manual_seed(0)
