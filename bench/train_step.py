@@ -187,7 +187,8 @@ def main() -> None:
     if stage.augment:
         from tasks.learning.augment import build_augmentation  # torchvision: images only
 
-        transform = build_augmentation(stage.augment, f"{args.stage}.augment")
+        shape = (params.image.channels, *params.image.size)
+        transform = build_augmentation(stage.augment, f"{args.stage}.augment", shape)
 
     classes = len(params.source.classes or range(10))
     data = torch.Generator().manual_seed(0)

@@ -206,7 +206,10 @@ def _network(
         # every seed x lr of this budget is one member of one vectorised ensemble
         starts = {seed: start(data, subset, cfg, seed) for seed, subset in subsets.items()}
         inputs = _inputs_from_frozen(data, starts, frozen_blocks(cfg), device)
-        transform = build_augmentation(cfg.augment, "finetune.augment")  # the same for all
+        # images: the same for every network strategy
+        transform = build_augmentation(
+            cfg.augment, "finetune.augment", inputs["train"].x.shape[1:]
+        )
         members = []
         for seed, subset in subsets.items():
             train = DeviceData.from_arrays(inputs["train"].take(subset), device)

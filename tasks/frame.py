@@ -142,15 +142,18 @@ def check_image_model(params: Params) -> None:
     a stage to train, and every augmentation is a torchvision transform that takes its args.
     (The stages check the same when they come to it; here it costs a second, not a stage.)"""
     from tasks.learning.augment import build_augmentation  # torchvision: a slow import
-    from tasks.models.vision import stage_count
+    from tasks.models.classifier import build_classifier
+    from tasks.models.shapes import architecture
 
-    model = params.model
+    shape = (params.image.channels, *params.image.size)
+    # built as the stages will (a seeded init for every layer, or one line naming the layer)
+    model = build_classifier(architecture(params.model, shape), num_classes=2, seed=0)
     try:
-        params.finetune.check_partial(stage_count(model.architecture, model.architecture_args))
+        params.finetune.check_partial(len(model.backbone.blocks))
     except ValueError as err:
         raise ParamsError(str(err)) from err
     for section in ("pretrain", "finetune"):
-        build_augmentation(getattr(params, section).augment, f"{section}.augment")
+        build_augmentation(getattr(params, section).augment, f"{section}.augment", shape)
 
 
 # --- the process: signals, errors and exit codes ----------------------------------------------

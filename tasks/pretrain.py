@@ -89,7 +89,7 @@ def _pretrain(
         trained, objective = _masked_lm(model, meta["tokens"], cfg)
         trained.to(device)
     # images: training batches augmented
-    if transform := build_augmentation(cfg.augment, "pretrain.augment"):
+    if transform := build_augmentation(cfg.augment, "pretrain.augment", train.x.shape[1:]):
         objective = Augmented(objective, transform, cfg.seed)
 
     shipped_test = meta["test_source"] == "shipped"  # the source's own test split, if any

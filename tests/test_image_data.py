@@ -165,6 +165,24 @@ def test_max_per_class_is_a_seeded_draw_that_decodes_only_the_kept(tmp_path):
         np.testing.assert_array_equal(row[0], pixels(i, (8, 8)) / np.float32(255))
 
 
+def test_classes_pick_the_folders_decoded(tmp_path):
+    """Only the listed classes are decoded: a broken file elsewhere is never read."""
+    root = folder(tmp_path / "root", {"a": 2, "b": 3, "c": 1})
+    (root / "c" / "00.png").write_bytes(b"not decoded, not refused")
+    _, y = read_folder(root, classes=["b", "a"])
+    assert sorted(y.tolist()) == ["a", "a", "b", "b", "b"]
+    message = refused(DatasetSpec(kind="images", path=root, classes=["zebra"]))
+    assert str(root) in message and "targets.a.classes" in message
+
+
+def test_max_per_class_bounds_a_shipped_test_set_too(tmp_path):
+    path = tmp_path / "arrays.npz"
+    labels = np.arange(12) % 3
+    np.savez(path, x=pixels(0, (12, 8, 8)), y=labels, x_test=pixels(1, (12, 8, 8)), y_test=labels)
+    data = read_images(DatasetSpec(kind="npz", path=path, max_per_class=2), "source", GREY8)
+    assert np.bincount(data.pool.y).tolist() == np.bincount(data.test.y).tolist() == [2, 2, 2]
+
+
 def test_scramble_is_one_fixed_permutation(tmp_path):
     root = folder(tmp_path / "root", {"a": 2, "b": 1})
     plain, _ = read_folder(root)
@@ -281,7 +299,7 @@ def test_idx_colour_resized_subsampled_scrambled(tmp_path):
     spec = DatasetSpec(kind="idx", path=root, max_per_class=2, scramble_seed=0)
     data = read_images(spec, "source", COLOUR8)
     check_form(data.pool.x, 6, COLOUR8)
-    check_form(data.test.x, 3, COLOUR8)  # the test set is not subsampled
+    check_form(data.test.x, 3, COLOUR8)  # one per class: within max_per_class
     assert np.bincount(data.pool.y).tolist() == [2, 2, 2]
     assert (data.test.x[:, 0] == data.test.x[:, 2]).all()
 

@@ -135,7 +135,7 @@ def test_the_same_seed_builds_the_same_resnet_in_any_thread() -> None:
 
 def test_augmentation_draws_per_image_per_batch_and_never_at_evaluation() -> None:
     transform = build_augmentation(
-        [{"RandomCrop": {"size": 16, "padding": 4}}], "finetune.augment"
+        [{"RandomCrop": {"size": 16, "padding": 4}}], "finetune.augment", (1, 16, 16)
     )
     objective = Augmented(SUPERVISED, transform, seed=3)
     x = torch.rand(1, 1, 16, 16).repeat(32, 1, 1, 1)  # the same image 32 times
@@ -160,7 +160,7 @@ def test_augmentation_draws_per_image_per_batch_and_never_at_evaluation() -> Non
 
 def test_augmentation_is_the_same_under_concurrent_threads() -> None:
     transform = build_augmentation(
-        [{"RandomAffine": {"degrees": 20, "translate": [0.1, 0.1]}}], "augment"
+        [{"RandomAffine": {"degrees": 20, "translate": [0.1, 0.1]}}], "augment", (1, 16, 16)
     )
     x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     y = torch.zeros(16, dtype=torch.int64)
@@ -199,13 +199,23 @@ def test_augmentation_is_the_same_under_concurrent_threads() -> None:
             "finetune.freeze_blocks=5",
             "finetune.freeze_blocks (5) must be below the number of backbone blocks (5)",
         ),
+        ("finetune.augment=[{RandomCrop: {size: 28}}]", "finetune.augment.0: RandomCrop"),
+        (
+            "finetune.augment=[{RandomResizedCrop: {size: 12}}]",
+            "turns a (1, 16, 16) float image into (1, 12, 12)",
+        ),
+        (
+            "model={backbone: timm, architecture: convnext_atto, pretrained_path: null}",
+            "model: no seeded init for its ConvNeXtBlock layers",
+        ),
     ],
 )
 def test_a_bad_image_model_is_refused_before_any_work(override: str, named: str) -> None:
-    """The pre-flight check of `python -m flows.pipeline` (and each stage, when it starts)."""
+    """The pre-flight check of `python -m flows.pipeline` (and each stage, when it starts):
+    one line each (the frame prints ParamsError and CheckpointError alike)."""
     from tasks.frame import check_image_model
 
-    with pytest.raises(ParamsError) as caught:
+    with pytest.raises((ParamsError, CheckpointError)) as caught:
         check_image_model(load_params(IMAGES_TINY, [override]))
     assert named in str(caught.value) and "\n" not in str(caught.value)
 
@@ -217,11 +227,68 @@ def test_a_transform_in_params_must_be_named_alone() -> None:
         )
 
 
-def test_augmentation_and_scrambling_are_for_images_only() -> None:
-    with pytest.raises(ParamsError, match=r"pretrain\.augment: only for images"):
-        load_params(
-            REPO / "tests" / "params.tiny.yaml", ["pretrain.augment=[{RandomCrop: {size: 8}}]"]
-        )
+@pytest.mark.parametrize(
+    ("params_file", "override", "named"),
+    [
+        (
+            "params.tiny.yaml",
+            "pretrain.augment=[{RandomCrop: {size: 8}}]",
+            r"pretrain\.augment: only for images",
+        ),
+        (
+            "params.tiny.yaml",
+            "targets.x={kind: npz, path: params.tiny.yaml, scramble_seed: 3}",
+            r"targets\.x\.scramble_seed: only for images",
+        ),
+        (
+            "params.tiny.yaml",
+            "targets.x={kind: npz, path: params.tiny.yaml, max_per_class: 5}",
+            r"targets\.x\.max_per_class: only for images",
+        ),
+        (
+            "params.images.tiny.yaml",
+            "pretrain.processes=2",
+            r"pretrain\.augment runs in one process",
+        ),
+        (
+            "params.images.tiny.yaml",
+            "model.architecture_args={drop_path_rate: 0.1}",
+            r"drop_path_rate draw at random",
+        ),
+    ],
+)
+def test_settings_that_cannot_hold_are_refused_when_params_load(
+    params_file: str, override: str, named: str
+) -> None:
+    with pytest.raises(ParamsError, match=named):
+        load_params(REPO / "tests" / params_file, [override])
+
+
+def test_building_networks_in_another_thread_leaves_augmentation_draws_alone() -> None:
+    """The flow builds networks (a target's stage count, a scratch start) while other groups
+    train: timm's own init must not draw from under a seeded augmentation."""
+    from tasks.models.vision import stage_count
+
+    transform = build_augmentation([{"RandomAffine": {"degrees": 30}}], "augment", (1, 16, 16))
+    objective = Augmented(SUPERVISED, transform, seed=0)
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(8, dtype=torch.int64)
+    alone = [objective.inputs(x, y, (TRAIN_KEY, 0, i))[0][0] for i in range(30)]
+    stop = threading.Event()
+
+    def build() -> None:
+        while not stop.is_set():
+            stage_count("resnet18", SMALL.architecture_args)
+            build_classifier(architecture(SMALL, (1, 16, 16)), 3, 0)
+
+    builder = threading.Thread(target=build)
+    builder.start()
+    try:
+        beside = [objective.inputs(x, y, (TRAIN_KEY, 0, i))[0][0] for i in range(30)]
+    finally:
+        stop.set()
+        builder.join()
+    assert all(torch.equal(a, b) for a, b in zip(alone, beside, strict=True))
 
 
 def _resnet_weights(channels: int, seed: int) -> dict[str, torch.Tensor]:

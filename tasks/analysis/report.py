@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.analysis.statistics import CONFIDENCE, NO_VARIATION
-from tasks.config.params import Params, ParamsOrigin
+from tasks.config.params import FOLDER_KINDS, Params, ParamsOrigin
 from tasks.data.datasets import load_meta
 from tasks.data.sources import datasets
 from tasks.recording.lineage import md5
@@ -41,6 +41,11 @@ SHAPES = {  # what input shapes each backbone's pretrained input layer takes
     "stem first.",
 }
 
+SHAPE_NAMES = {  # what a dataset's input shape counts, by backbone
+    **{"cnn1d": "(C, L)", "mlp": "(C, L)", "timm": "(C, H, W)"},
+    **{"transformer": "tokens", "pretrained": "tokens"},
+}
+
 
 @dataclass(frozen=True)
 class Context:
@@ -65,7 +70,7 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
             read = meta.get("files_md5", {})  # file -> md5
             hashes = ", ".join(v[:8] for v in read.values())
             origin = f"Debian's fortune files in `{spec.fortunes_dir}` (md5 {hashes}){cipher}"
-        elif spec.kind in ("images", "idx"):  # a folder: its files' md5s, where few
+        elif spec.kind in FOLDER_KINDS:  # a folder: its files' md5s, where few
             hashes = ", ".join(v[:8] for v in meta.get("files_md5", {}).values())
             origin = f"{spec.kind} folder `{spec.path}`" + (f" (md5 {hashes})" if hashes else "")
         elif spec.path is not None:
@@ -96,12 +101,6 @@ def _augmentation(params: Params) -> list[str]:
     ]
 
 
-SHAPE_NAMES = {  # what a dataset's input shape counts, by backbone
-    **{"cnn1d": "(C, L)", "mlp": "(C, L)", "timm": "(C, H, W)"},
-    **{"transformer": "tokens", "pretrained": "tokens"},
-}
-
-
 def _pretraining(params: Params, source_meta: dict) -> str:
     """How the backbone came from the source: trained on its labels or its masked tokens, or
     not at all (an off-the-shelf encoder, named by its weights' hash)."""
@@ -109,7 +108,8 @@ def _pretraining(params: Params, source_meta: dict) -> str:
         origin = source_meta["pretrained"]
         return (
             f"**not pretrained here**: the off-the-shelf weights `{origin['path']}` (sha256 "
-            f"{origin['sha256'][:12]}) stand in for it; it only names the classes"
+            f"{origin['sha256'][:12]}) stand in for it; "
+            + ("only its texts were tokenised" if "tokens" in source_meta else "unused")
         )
     if params.pretrain.objective == "mlm":
         return "pretrained by masked-language modelling on its texts (labels unused)"

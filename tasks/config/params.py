@@ -72,6 +72,8 @@ TEXT_KINDS = ("text", "fortunes")
 IMAGE_KINDS = ("images", "idx", "npz")  # npz holds signals or images: the backbone says which
 TEXT_BACKBONES = ("transformer", "pretrained")
 IMAGE_BACKBONES = ("timm",)
+# timm constructor args that make the forward pass random (dropout, stochastic depth)
+RANDOM_FORWARD_ARGS = frozenset({"drop_rate", "drop_path_rate", "drop_block_rate"})
 Modality = Literal["signal", "text", "image"]
 FOLDER_KINDS = ("images", "idx")  # `path` names a folder
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's fortunes packages put them
@@ -143,7 +145,7 @@ class DatasetSpec(_Frozen):
             )
         if self.kind != "mnist1d" and self.generator is not None:
             raise ValueError("'generator' is only for kind mnist1d")
-        if self.kind in ("npz", "text", "images", "idx") and self.path is None:
+        if self.kind in ("npz", "text", *FOLDER_KINDS) and self.path is None:
             raise ValueError(f"kind {self.kind} needs 'path'")
         if self.kind == "fortunes" and not self.classes:
             raise ValueError("kind fortunes needs 'classes', its files: e.g. [people, law]")
@@ -197,8 +199,9 @@ class ModelParams(_Frozen):
     layers: PositiveInt = 4
     heads: PositiveInt = 4
     ff_width: PositiveInt = 256
-    # timm: a model name of timm.list_models() (ResNets, ConvNeXts, EfficientNets...), and
-    # keyword args of its constructor, e.g. {channels: [16, 32, 64, 128]} for a small ResNet
+    # timm: a model name of timm.list_models() (ResNets are tested; layer types without a
+    # seeded init are refused by name), and keyword args of its constructor, e.g.
+    # {channels: [16, 32, 64, 128]} for a narrow ResNet
     architecture: str = "resnet18"
     architecture_args: dict[str, Any] = Field(default_factory=dict)
     # pretrained: the Hugging Face encoder's directory; timm: a weights file for `architecture`
@@ -211,8 +214,16 @@ class ModelParams(_Frozen):
             raise ValueError("model.backbone pretrained needs model.pretrained_path")
         if self.backbone not in ("pretrained", "timm") and self.pretrained_path is not None:
             raise ValueError("model.pretrained_path is only for model.backbone pretrained or timm")
-        if self.backbone != "timm" and (self.architecture != "resnet18" or self.architecture_args):
+        default = type(self).model_fields["architecture"].default
+        if self.backbone != "timm" and (self.architecture != default or self.architecture_args):
             raise ValueError("model.architecture and architecture_args are only for backbone timm")
+        random = sorted(RANDOM_FORWARD_ARGS & set(self.architecture_args))
+        if random:
+            raise ValueError(
+                f"model.architecture_args: {', '.join(random)} draw at random in every forward "
+                "pass from torch's process-wide generator, which the flow's threads share: "
+                "results would not repeat"
+            )
         if self.backbone == "transformer" and self.width % self.heads:
             raise ValueError(f"model.width ({self.width}) must be a multiple of model.heads")
         return self
@@ -428,6 +439,13 @@ class Params(_Frozen):
                 )
             if wanted != "image" and spec.scramble_seed is not None:
                 raise ValueError(f"{key}.scramble_seed: only for images")
+            if wanted == "signal" and spec.kind == "npz" and spec.max_per_class is not None:
+                raise ValueError(f"{key}.max_per_class: only for images and fortunes")
+        if self.pretrain.augment and self.pretrain.processes > 1:
+            raise ValueError(
+                "pretrain.augment runs in one process (pretrain.processes: 1): each rank would "
+                "draw its share's augmentations alike"
+            )
         for section in ("pretrain", "finetune"):
             if wanted != "image" and getattr(self, section).augment:
                 raise ValueError(f"{section}.augment: only for images (model.backbone timm)")

@@ -149,6 +149,14 @@ def _scramble(data: Labelled, order: np.ndarray) -> Labelled:
 
 def _read_folder(spec: DatasetSpec, key: str, image: ImageParams) -> RawDataset:
     files, labels = _folder_listing(spec.path, key)
+    if spec.classes is not None:  # decode the wanted classes only (matched by their text)
+        wanted = np.isin(labels, [str(label) for label in spec.classes])
+        if not wanted.any():
+            raise DataError(
+                f"{spec.path}: no class folder is named as in {key}.classes {spec.classes} "
+                f"(its folders: {', '.join(sorted(set(labels.tolist()))[:5])}...)"
+            )
+        files, labels = [f for f, keep in zip(files, wanted, strict=True) if keep], labels[wanted]
     kept = _per_class_draw(labels, spec.max_per_class)
     x = _decode_all([files[i] for i in kept], image)
     return RawDataset(Labelled(x, labels[kept]), None)

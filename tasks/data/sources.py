@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from tasks.config.params import (
+    FOLDER_KINDS,
     IMAGE_BACKBONES,
     DatasetSpec,
     ImageParams,
@@ -57,7 +58,7 @@ def files_read(spec: DatasetSpec) -> list[Path]:
         named = [spec.fortunes_dir / str(name) for name in spec.classes or []]
         near = [p.with_name(p.name + end) for p in named for end in ("", ".dat", ".u8")]
         return [path for path in near if path.is_file()]
-    if spec.kind in ("images", "idx"):
+    if spec.kind in FOLDER_KINDS:
         return image_files(spec)
     return [spec.path] if spec.path is not None else []
 

@@ -24,10 +24,12 @@ from tasks.learning.train import TRAIN_KEY, Objective
 
 
 def build_augmentation(
-    augment: list[dict[str, dict[str, Any]]], key: str
+    augment: list[dict[str, dict[str, Any]]], key: str, shape: tuple[int, ...]
 ) -> torch.nn.Module | None:
-    """The declared transforms (params key `key`), composed in order; None for none. Raises
-    ParamsError naming the key and entry for an unknown transform or args it refuses."""
+    """The declared transforms (params key `key`) for images of `shape` (C, H, W), composed in
+    order; None for none. Raises ParamsError naming the key and entry for an unknown
+    transform, args it refuses, or one that fails on such an image or changes its shape or
+    dtype (validation and test images are never transformed: they must stay alike)."""
     if not augment:
         return None
     from torchvision.transforms import v2  # a slow import, for image studies only
@@ -43,8 +45,17 @@ def build_augmentation(
             )
         try:
             steps.append(transform(**(args or {})))
-        except (TypeError, ValueError) as err:
+            sample = torch.rand(shape)
+            with seeded_process_rng(0):
+                out = steps[-1](sample)
+        except (TypeError, ValueError, RuntimeError) as err:
             raise ParamsError(f"{key}.{i}: {name}{args or {}}: {err}") from err
+        if not (torch.is_tensor(out) and out.shape == sample.shape and out.dtype == sample.dtype):
+            got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
+            raise ParamsError(
+                f"{key}.{i}: {name}{args or {}} turns a {tuple(shape)} float image into {got}; "
+                "an augmentation must keep the image's shape and type"
+            )
     return v2.Compose(steps)
 
 

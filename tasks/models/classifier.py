@@ -128,7 +128,11 @@ def reset_parameters(model: nn.Module, generator: torch.Generator) -> None:
         if reset_image_layer(module, generator):  # Conv2d, batch and group norms
             continue
         if not isinstance(module, nn.Linear | nn.Conv1d):
-            raise TypeError(f"no seeded init for {type(module).__name__}; add it here")
+            raise CheckpointError(
+                f"model: no seeded init for its {type(module).__name__} layers (known: Linear, "
+                "Conv1d/2d, batch, group and layer norms, embeddings, attention); use another "
+                "architecture, or add one in tasks/models/classifier.py reset_parameters"
+            )
         nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
         if module.bias is not None:
             fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.learning.runtime import seeded_process_rng
 from tasks.models.errors import CheckpointError
 
 
@@ -26,9 +27,14 @@ class TimmBackbone(nn.Module):
         import timm  # a slow import, for image studies only
 
         try:
-            self.net = timm.create_model(
-                architecture, pretrained=False, num_classes=0, in_chans=in_chans, **args
-            )
+            # timm initialises from torch's process-wide generator: under its lock, so that
+            # it draws nothing from under another thread's seeded augmentation (the stages
+            # build networks while groups train); the run's weights are drawn again from its
+            # own generator (classifier.reset_parameters)
+            with seeded_process_rng(0):
+                self.net = timm.create_model(
+                    architecture, pretrained=False, num_classes=0, in_chans=in_chans, **args
+                )
         except (RuntimeError, TypeError, ValueError) as err:  # unknown name, bad args
             raise CheckpointError(
                 f"model.architecture {architecture} with args {args}: {str(err).splitlines()[0]}"
