@@ -38,6 +38,7 @@ from tasks.config.params import DatasetSpec, ImageParams
 from tasks.data.datasets import DataError, Labelled, RawDataset
 from tasks.data.npz import (
     check_keys,
+    check_pairs,
     check_test_labels,
     npz_arrays,
     canonical_labels,
@@ -392,12 +393,7 @@ def _check_image_arrays(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yn
         )
     if 0 in x.shape[1:]:
         raise DataError(f"{path}: '{xname}' has shape {x.shape}: images of no pixels")
-    if y.ndim != 1:
-        raise DataError(f"{path}: '{yname}' must have shape (N,), got {y.shape}")
-    if len(x) != len(y):
-        raise DataError(f"{path}: '{xname}' has {len(x)} images but '{yname}' has {len(y)}")
-    if len(y) == 0:
-        raise DataError(f"{path}: '{xname}' and '{yname}' hold no examples")
+    check_pairs(path, x, y, xname, yname, "images")
     if x.dtype != np.uint8 and x.dtype.kind != "f":
         raise DataError(f"{path}: '{xname}' has dtype {x.dtype}; {ARRAY_FIX}")
     if x.dtype.kind == "f":

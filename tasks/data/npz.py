@@ -75,10 +75,17 @@ def _check_shapes(path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: s
         raise DataError(f"{path}: '{xname}' must have shape (N, L) or (N, C, L), got {x.shape}")
     if 0 in x.shape[1:]:
         raise DataError(f"{path}: '{xname}' has shape {x.shape}: no channels or no time steps")
+    check_pairs(path, x, y, xname, yname, "rows")
+
+
+def check_pairs(
+    path: Path, x: np.ndarray, y: np.ndarray, xname: str, yname: str, unit: str
+) -> None:
+    """y (N,): one label for each of x's N examples (`unit`: what they are called), and N > 0."""
     if y.ndim != 1:
         raise DataError(f"{path}: '{yname}' must have shape (N,), got {y.shape}")
     if len(x) != len(y):
-        raise DataError(f"{path}: '{xname}' has {len(x)} rows but '{yname}' has {len(y)}")
+        raise DataError(f"{path}: '{xname}' has {len(x)} {unit} but '{yname}' has {len(y)}")
     if len(y) == 0:
         raise DataError(f"{path}: '{xname}' and '{yname}' hold no examples")
 
