@@ -20,6 +20,7 @@ from tests.helpers import TINY, make_workspace, run_command
 LONG_FILES = [
     "test_pipeline",
     "test_text_pipeline",
+    "test_image_pipeline",
     "test_ui",
     "test_frame",
     "test_tracking_server",
