@@ -265,8 +265,8 @@ def test_settings_that_cannot_hold_are_refused_when_params_load(
 
 
 def test_building_networks_in_another_thread_leaves_augmentation_draws_alone() -> None:
-    """The flow builds networks (a target's stage count, a scratch start) while other groups
-    train: timm's own init must not draw from under a seeded augmentation."""
+    """The flow builds networks (a target's stage count, a scratch start) and augmentations
+    while other groups train: neither may draw from under a seeded augmentation."""
     from tasks.models.vision import stage_count
 
     transform = build_augmentation([{"RandomAffine": {"degrees": 30}}], "augment", (1, 16, 16))
@@ -276,10 +276,11 @@ def test_building_networks_in_another_thread_leaves_augmentation_draws_alone() -
     alone = [objective.inputs(x, y, (TRAIN_KEY, 0, i))[0][0] for i in range(30)]
     stop = threading.Event()
 
-    def build() -> None:
+    def build() -> None:  # what a group or stage does as it starts
         while not stop.is_set():
             stage_count("resnet18", SMALL.architecture_args)
             build_classifier(architecture(SMALL, (1, 16, 16)), 3, 0)
+            build_augmentation([{"RandomCrop": {"size": 16}}], "augment", (1, 16, 16))
 
     builder = threading.Thread(target=build)
     builder.start()

@@ -45,7 +45,9 @@ def build_augmentation(
             )
         try:
             steps.append(transform(**(args or {})))
-            sample = torch.rand(shape)
+            # drawn from a generator of its own, and transformed under the process-wide one's
+            # lock: another thread's seeded augmentation may be drawing from that right now
+            sample = torch.rand(shape, generator=torch.Generator().manual_seed(0))
             with seeded_process_rng(0):
                 out = steps[-1](sample)
         except (TypeError, ValueError, RuntimeError) as err:
