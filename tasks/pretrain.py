@@ -151,19 +151,8 @@ def _off_the_shelf(
     from tasks.models.pretrained import PretrainedEncoder, read_pretrained_dir  # slow import
 
     path = params.model.pretrained_path
-    prepared = meta.get("pretrained", {})  # what `prepare` tokenised with
-    if prepared.get("path") != str(path):
-        raise CheckpointError(
-            f"{path}: `prepare` tokenised the texts for {prepared.get('path') or 'our own'} "
-            "encoder, not this one; run prepare again"
-        )
     weights = read_pretrained_dir(path)
-    expected = prepared["sha256"]
-    if weights.weights_sha256 != expected:
-        raise CheckpointError(
-            f"{path}: its {weights.weights_file} changed since `prepare` read it (sha256 "
-            f"{weights.weights_sha256}, prepared with {expected}); run prepare again"
-        )
+    _prepared_weights(path, meta, weights.weights_sha256)  # what `prepare` tokenised with
     arch = {"name": "pretrained", "config": weights.config, "pad_id": weights.pad_id}
     # the encoder as read, under a seeded head (building a random encoder first would cost a
     # second 22M-weight init for nothing)
@@ -181,12 +170,13 @@ def _off_the_shelf(
 
 
 def _prepared_weights(path: Path, meta: dict, sha256: str) -> None:
-    """Refuse off-the-shelf weights other than those `prepare` recorded (path and hash)."""
+    """Refuse off-the-shelf weights (a file, or an encoder's directory) other than those
+    `prepare` recorded, by path and hash."""
     prepared = meta.get("pretrained", {})
     if prepared.get("path") != str(path):
         raise CheckpointError(
-            f"{path}: `prepare` ran for {prepared.get('path') or 'no'} off-the-shelf weights, "
-            "not these; run prepare again"
+            f"{path}: `prepare` ran for {prepared.get('path') or 'our own backbone'}, not these "
+            "weights; run prepare again"
         )
     if sha256 != prepared["sha256"]:
         raise CheckpointError(
