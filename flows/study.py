@@ -65,10 +65,10 @@ for _engine in ("prefect.task_runs", "prefect.flow_runs"):
 _stage = task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
 # Task-run names are fixed (Prefect would add a random suffix): `prepare`, `extract/<target>`...
 prepare_task = _stage(prepare, name="prepare", task_run_name="prepare")
-pretrain_task = _stage(pretrain, name="pretrain", task_run_name="pretrain")
+pretrain_task = _stage(pretrain, name="pretrain", task_run_name="pretrain/{source}")
 extract_task = _stage(extract, name="extract", task_run_name="extract/{target}")
 train_group_task = _stage(
-    train_group, name="finetune", task_run_name="{data.name}/{group.strategy}/{group.budget.name}"
+    train_group, name="finetune", task_run_name="{data.name}/{group.label}/{group.budget.name}"
 )
 compare_task = _stage(compare, name="compare", task_run_name="compare")
 
@@ -106,8 +106,8 @@ def _flow_run_name() -> str:
 
 @flow(name="transfer-study", flow_run_name=_flow_run_name)
 def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
-    """prepare -> pretrain -> (extract -> finetune groups in parallel) per target -> compare;
-    each stage only if DVC finds it stale, and recorded in DVC after it runs."""
+    """prepare -> pretrain per source -> (extract -> finetune groups in parallel) per target ->
+    compare; each stage only if DVC finds it stale, and recorded in DVC after it runs."""
     frame.configure_logging()  # again here: a deployment's runs do not pass through main()
     if FROM_COMMAND_LINE:
         # Prefect installs its own SIGTERM handler for the flow run (it would wait for running
@@ -127,7 +127,10 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
     flow_run_id = str(get_run_context().flow_run.id)
     with frame.execution(params, "prefect", flow_run_id, layout, dvc) as run:
         run.run("prepare", prepare_)
-        run.run("pretrain", pretrain_)
+        # one source after another: MLflow's export of a registered model is not safe in two
+        # threads at once (measured: "ProxyTorchDispatchMode slot already occupied")
+        for source in params.sources:
+            run.run(f"pretrain@{source}", pretrain_, source)
         # The fan-out: each target's features are extracted here, then its fine-tuning groups go
         # to the task runner (threads, or Dask workers) while the next target is extracted. The
         # flow keeps every file write, record and DVC call; workers get arrays only.

@@ -4,8 +4,14 @@ Writes to reports/:
 - comparison.csv / .md: one row per target x strategy x label budget (means, intervals, paired
   gains, relative error reduction, effective data multiplier, verdict);
 - summary.csv: one row per target x strategy (area under the learning curve, data multipliers);
-- verdicts.csv: one row per target x budget (the best transfer strategy, chosen on validation);
-- report.md with plots/<target>_{curves,gain,features}.png, and metrics.json for DVC.
+- verdicts.csv: one row per target x budget (the best transfer arm, source and strategy, chosen
+  on validation);
+- sources.csv: one row per target x source (its AULC gain, the best source per target);
+- transferability.csv: one row per score (Kendall's tau with the gains across pairs);
+- compute.csv: one row per target x source x strategy x budget (steps and seconds to reach
+  scratch's best validation accuracy, compute multipliers, pretraining amortised);
+- report.md with plots/<target>_{curves,gain,features}.png and plots/scores_vs_gain.png, and
+  metrics.json for DVC.
 
 A target that failed earlier in the execution (`failed`, from the flow) is listed in the report
 with its error, and the others are compared without it.
@@ -13,13 +19,14 @@ with its error, and the others are compared without it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from tasks.analysis import plots, report
+from tasks.analysis import choice, compute, plots, report
 from tasks.analysis.statistics import (
     Multiplier,
     area_under_curve,
@@ -39,24 +46,25 @@ from tasks.workspace import files
 from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
-KEYS = ["target", "strategy", "budget"]
-# Ties of mean validation accuracy and loss between transfer strategies go to the simpler one:
-# fewer trained parameters, then fewer steps.
-SIMPLICITY = ["linear_probe", "partial", "finetune", "lp_ft"]
+KEYS = ["target", "source", "strategy", "budget"]  # scratch's source is ""
+SIMPLICITY = choice.SIMPLICITY  # ties of validation scores go to the simpler strategy
 
 
 @dataclass(frozen=True)
 class Comparison:
-    table: pd.DataFrame  # target x strategy x budget
-    summary: pd.DataFrame  # target x strategy
+    table: pd.DataFrame  # target x source x strategy x budget
+    summary: pd.DataFrame  # target x source x strategy
     verdicts: pd.DataFrame  # target x budget
+    sources: pd.DataFrame  # target x source
+    agreement: pd.DataFrame  # transferability score
+    compute: pd.DataFrame  # target x source x strategy x budget
 
 
 def read_results(path: Path) -> pd.DataFrame:
     """A results file as written by `finetune`; names stay strings ('NA' is a valid target)."""
     return pd.read_csv(
         path,
-        dtype={"target": str, "strategy": str, "budget": str, "per_class": str},
+        dtype={"target": str, "source": str, "strategy": str, "budget": str, "per_class": str},
         keep_default_na=False,
         na_values={"lr": [""], "l2": [""]},
     )
@@ -109,13 +117,21 @@ def _cell(runs: pd.DataFrame) -> dict:
     }
 
 
+def arm(source: str, strategy: str, several: bool) -> str:
+    """How tables and plots name a source's strategy: `source/strategy` among several sources,
+    the strategy alone with one, and `scratch`."""
+    return f"{source}/{strategy}" if several and source else strategy
+
+
 def summarise(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per target x strategy x budget (see `_cell`), with the effective data
+    """One row per target x source x strategy x budget (see `_cell`), with the effective data
     multiplier read off the same target's scratch curve."""
     paired = pair_with_scratch(results)
+    several = results.source[results.source != ""].nunique() > 1
     rows = [
-        {"target": t, "strategy": s, "budget": b, **_cell(runs)}
-        for (t, s, b), runs in paired.groupby(KEYS, sort=False)
+        {"target": t, "source": src, "strategy": s, "arm": arm(src, s, several), "budget": b}
+        | _cell(runs)
+        for (t, src, s, b), runs in paired.groupby(KEYS, sort=False)
     ]
     table = pd.DataFrame(rows)
     multipliers = []
@@ -137,11 +153,12 @@ def _multiplier_text(row: pd.Series) -> str:
 
 
 def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per target x strategy: area under the learning curve (accuracy over log labels),
-    its gain over scratch's, the data multiplier at the fewest and at all labels, and the
-    area under the validation curve (what strategies are chosen on)."""
+    """One row per target x source x strategy: area under the learning curve (accuracy over log
+    labels), its gain over scratch's, the data multiplier at the fewest and at all labels, and
+    the area under the validation curve (what strategies are chosen on)."""
     rows = []
-    for (target, strategy), curve in table.groupby(["target", "strategy"], sort=False):
+    arms = table.groupby(["target", "source", "strategy"], sort=False)
+    for (target, source, strategy), curve in arms:
         curve = curve.sort_values("n_labels")
         scratch = table[(table.target == target) & (table.strategy == "scratch")]
         aulc = area_under_curve(curve.n_labels, curve.test_acc_mean)
@@ -150,7 +167,9 @@ def summarise_curves(table: pd.DataFrame) -> pd.DataFrame:
         rows.append(
             {
                 "target": target,
+                "source": source,
                 "strategy": strategy,
+                "arm": curve.arm.iloc[0],
                 "aulc": aulc,
                 "aulc_gain_pts": points(
                     aulc - area_under_curve(scratch.n_labels, scratch.test_acc_mean)
@@ -172,7 +191,9 @@ VERDICT_COLUMNS = [
     "budget",
     "n_labels",
     "per_class",
+    "source",
     "strategy",
+    "arm",
     "test_acc_mean",
     "scratch_acc_mean",
     "gain_pts",
@@ -189,7 +210,8 @@ def _transfer_rows(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
-    """Per target and budget, the transfer strategy with the best mean validation accuracy
+    """Per target and budget, the transfer arm (a source's strategy) with the best mean
+    validation accuracy
     (never the test split), ties to the lower mean validation loss, then to the simpler strategy
     (SIMPLICITY); and what its paired interval says."""
     ranked = _transfer_rows(table).sort_values(
@@ -208,7 +230,7 @@ class Headline:
     Every choice in it is made on validation: the strategy with the best validation AULC (ties
     to the simpler), and at each end of the curve the verdict table's strategy."""
 
-    best_strategy: str
+    best_strategy: str  # the arm: `source/strategy` among several sources
     aulc_gain_pts: float  # the best strategy's
     fewest: pd.Series  # the verdict row at the fewest labels
     most: pd.Series  # ...and at the most
@@ -233,7 +255,7 @@ def headlines(summary: pd.DataFrame, verdicts: pd.DataFrame) -> dict[str, Headli
     for target, curves in _transfer_rows(summary).groupby("target", sort=False):
         best = curves.sort_values(["val_aulc", "simplicity"], ascending=[False, True]).iloc[0]
         ends = verdicts[verdicts.target == target].sort_values("n_labels", kind="stable")
-        found[target] = Headline(best.strategy, best.aulc_gain_pts, ends.iloc[0], ends.iloc[-1])
+        found[target] = Headline(best.arm, best.aulc_gain_pts, ends.iloc[0], ends.iloc[-1])
     return found
 
 
@@ -250,7 +272,9 @@ def record_headlines(recorder: Recorder, found: dict[str, Headline]) -> None:
 def recorded_headlines(reports: Path) -> dict[str, Headline]:
     """The headlines of the comparison on disk, for an execution that found it up to date."""
     summary = pd.read_csv(
-        reports / "summary.csv", dtype={"target": str, "strategy": str}, keep_default_na=False
+        reports / "summary.csv",
+        dtype={"target": str, "source": str, "strategy": str, "arm": str},
+        keep_default_na=False,
     )
     return headlines(summary, report.read_verdicts(reports / "verdicts.csv"))
 
@@ -273,7 +297,18 @@ def compare(
         raise ValueError(f"no target finished, nothing to compare: {failed}")
     results = pd.concat([read_results(layout.results(t)) for t in targets], ignore_index=True)
     table = summarise(results)
-    result = Comparison(table, summarise_curves(table), pick_verdicts(table))
+    sources = choice.source_matrix(choice.aulc_gains(results))
+    scores = pd.concat(
+        [pd.read_csv(layout.scores(t)).assign(target=t) for t in targets], ignore_index=True
+    )
+    result = Comparison(
+        table,
+        summarise_curves(table),
+        pick_verdicts(table),
+        sources,
+        choice.score_agreement(sources, scores),
+        _compute(params, targets, layout),
+    )
     context = report.Context(
         execution=recorder.identity(),
         params_origin=params.origin,
@@ -286,13 +321,17 @@ def compare(
         "comparison.md": table.to_markdown(index=False, floatfmt=".4f") + "\n",
         "summary.csv": result.summary.to_csv(index=False),
         "verdicts.csv": result.verdicts.to_csv(index=False),
-        "report.md": report.render(params, targets, result.verdicts, result.summary, context),
+        "sources.csv": result.sources.to_csv(index=False),
+        "transferability.csv": result.agreement.to_csv(index=False),
+        "compute.csv": result.compute.to_csv(index=False),
+        "report.md": report.render(params, targets, result, context),
     }
     for name, text in written.items():
         files.write_text(reports / name, text)
     found = headlines(result.summary, result.verdicts)
     files.write_json(reports / "metrics.json", headline_metrics(found))
-    figures = []
+    figures = [reports / "plots" / "scores_vs_gain.png"]
+    plots.scores_vs_gain(sources, choice.pair_scores(scores), result.agreement, figures[0])
     for target in targets:
         curves, gain, features_png = (
             reports / "plots" / f"{target}_{kind}.png" for kind in ("curves", "gain", "features")
@@ -300,7 +339,8 @@ def compare(
         plots.learning_curves(table, target, curves)
         plots.gain_heatmap(table, target, gain)
         val = load_split(layout.prepared(target), "val")
-        features = load_split(layout.features(target), "val")
+        best = sources[(sources.target == target) & sources.best].source.iloc[0]
+        features = load_split(layout.features(target, best), "val")
         classes = load_meta(layout.prepared(target))["classes"]
         plots.feature_map(val, features, classes, target, features_png)
         figures += [curves, gain, features_png]
@@ -317,6 +357,18 @@ def compare(
         recorder.log_artifact(figure, "plots")
     log.info("comparison written to %s (read %s)", reports, reports / "report.md")
     return result
+
+
+def _compute(params: Params, targets: list[str], layout: Layout) -> pd.DataFrame:
+    """The compute table from the targets' curves and each source's pretraining cost, shared
+    by every target of the study."""
+    curves = pd.concat(
+        [compute.read_curves(json.loads(layout.curves(t).read_text()), t) for t in targets],
+        ignore_index=True,
+    )
+    pretraining = {s: json.loads(layout.checkpoint_meta(s).read_text()) for s in params.sources}
+    runs = compute.run_costs(curves, pretraining, n_targets=len(params.targets))
+    return compute.compute_table(runs)
 
 
 def _data_notes(params: Params, target: str, layout: Layout) -> list[str]:

@@ -1,10 +1,12 @@
-"""Stage `finetune`: for one target, every strategy x label budget x seed, scratch included.
+"""Stage `finetune`: for one target, every source x transfer strategy x label budget x seed, and
+scratch (once per target: the paired baseline of every source) at each label budget x seed.
 
 Each run tunes its learning rate (or, for the probe, its L2 strength) on the validation split and
 is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
 
-The unit of work is a group: one strategy at one label budget, all seeds. A network strategy
-trains a group's seeds x learning rates as one vectorised ensemble (tasks/learning/ensemble.py).
+The unit of work is a group: one source's strategy (or scratch) at one label budget, all seeds.
+A network strategy trains a group's seeds x learning rates as one vectorised ensemble
+(tasks/learning/ensemble.py).
 A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
 run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: a thread of
 this process, one group after another (`finetune`, what `dvc repro` runs), or the Prefect flow's
@@ -21,6 +23,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -60,7 +63,7 @@ from tasks.workspace.layout import Layout
 log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = [
-    *("target", "strategy", "budget", "seed", "n_labels", "per_class", "lr", "l2"),
+    *("target", "source", "strategy", "budget", "seed", "n_labels", "per_class", "lr", "l2"),
     *("val_acc", "val_loss", "test_acc", "best_epoch", "epochs_run"),
 ]
 
@@ -71,8 +74,9 @@ class TargetData:
     as it is to a worker process (or machine) that trains a group of runs."""
 
     name: str  # the target's name in params
+    source: str  # the source whose backbone the features and checkpoint are
     inputs: dict[str, Labelled]  # prepared splits: x (N, C, L)
-    features: dict[str, Labelled]  # frozen-backbone features: x (N, D)
+    features: dict[str, Labelled]  # the source's frozen-backbone features: x (N, D)
     num_classes: int
     checkpoint: dict[str, Any]  # the pretrained payload (see tasks.models.classifier)
     checkpoint_path: Path  # named in error messages only
@@ -263,11 +267,18 @@ STRATEGIES: dict[str, Strategy] = {
 
 @dataclass(frozen=True)
 class Group:
-    """The unit of work: one strategy at one label budget, every seed (trained together)."""
+    """The unit of work: one source's strategy at one label budget, every seed (trained
+    together); scratch's source is "" (one baseline for every source)."""
 
+    source: str
     strategy: str
     budget: Budget
     seeds: tuple[int, ...]
+
+    @property
+    def label(self) -> str:
+        """`source/strategy`, or `scratch`: how task runs and logs name it."""
+        return "/".join(filter(None, [self.source, self.strategy]))
 
 
 @dataclass(frozen=True)
@@ -282,10 +293,13 @@ class Cell:
     ended: float
     epoch_ends: list[float] = field(default_factory=list)  # of the chosen run
     curves: list[dict[str, Any]] = field(default_factory=list)  # Curve fields, per lr tried
+    # the group's training seconds per run-epoch (per run for the probe, which has no epochs):
+    # its runs train together, so this is each one's share; measured, not reproduced
+    epoch_seconds: float = math.nan
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return self.row["strategy"], self.row["budget"], self.row["seed"]
+    def key(self) -> tuple[str, str, str, int]:
+        return self.row["source"], self.row["strategy"], self.row["budget"], self.row["seed"]
 
 
 def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
@@ -298,6 +312,9 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
     subsets = {seed: label_subset(data.inputs["train"].y, per_class, seed) for seed in group.seeds}
     outcomes = STRATEGIES[group.strategy](data, subsets, cfg, device)
     ended = time.time()
+    # the runs' share of the group's time: per epoch of every run it trained (each lr's)
+    runs_epochs = sum(len(c.history) for o in outcomes.values() for c in o.curves)
+    epoch_seconds = (ended - started) / (runs_epochs or len(group.seeds))
     cells = []
     for seed in group.seeds:
         outcome = outcomes[seed]
@@ -305,6 +322,7 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         chosen = next((c for c in outcome.curves if c.lr == outcome.hparams.get("lr")), None)
         row = {
             "target": data.name,
+            "source": group.source,
             "strategy": group.strategy,
             "budget": group.budget.name,
             "seed": seed,
@@ -320,24 +338,32 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         } | outcome.hparams
         curves = [dataclasses.asdict(curve) for curve in outcome.curves]
         history, epoch_ends = (chosen.history, chosen.epoch_ends) if chosen else ([], [])
-        cells.append(Cell(row, history, started, ended, epoch_ends, curves))
+        cells.append(Cell(row, history, started, ended, epoch_ends, curves, epoch_seconds))
         log.info(
-            "%s %-12s budget %-6s seed %d: %d labels, test acc %.4f",
-            *(data.name, group.strategy, group.budget.name, seed, len(subsets[seed])),
+            "%s %-20s budget %-6s seed %d: %d labels, test acc %.4f",
+            *(data.name, group.label, group.budget.name, seed, len(subsets[seed])),
             outcome.test_acc,
         )
     return cells
 
 
-def load_target(target: str, layout: Layout) -> TargetData:
-    return TargetData(
-        name=target,
-        inputs={s: load_split(layout.prepared(target), s) for s in SPLITS},
-        features={s: load_split(layout.features(target), s) for s in SPLITS},
-        num_classes=load_meta(layout.prepared(target))["num_classes"],
-        checkpoint=load_checkpoint(layout.checkpoint),
-        checkpoint_path=layout.checkpoint,
-    )
+def load_target(target: str, sources: Iterable[str], layout: Layout) -> dict[str, TargetData]:
+    """The target's data with each source's features and checkpoint, by source (the
+    prepared splits are read once and shared)."""
+    inputs = {s: load_split(layout.prepared(target), s) for s in SPLITS}
+    num_classes = load_meta(layout.prepared(target))["num_classes"]
+    return {
+        source: TargetData(
+            name=target,
+            source=source,
+            inputs=inputs,
+            features={s: load_split(layout.features(target, source), s) for s in SPLITS},
+            num_classes=num_classes,
+            checkpoint=load_checkpoint(layout.checkpoint(source)),
+            checkpoint_path=layout.checkpoint(source),
+        )
+        for source in sources
+    }
 
 
 class TargetGrid:
@@ -347,38 +373,55 @@ class TargetGrid:
     def __init__(self, params: Params, target: str, layout: Layout):
         files.check_writable(layout.results(target).parent)
         self.target, self.layout = target, layout
-        self.data = load_target(target, layout)
-        self.inputs = data_files(target, layout)
+        self.data = load_target(target, params.sources, layout)
+        self.inputs = data_files(target, params.sources, layout)
         # a saved progress file is resumed only by a run of the same declared deps (dvc.yaml)
         fingerprint = contracts.fingerprint("finetune", params, layout.root, target)
         self.progress = Progress(layout.finetune_progress(target), fingerprint)
         cfg = params.finetune
-        arch = self.data.checkpoint["arch"]
+        # scratch builds the sources' common architecture (params.model): the first's says it
+        self.baseline = self.data[next(iter(params.sources))]
+        arch = self.baseline.checkpoint["arch"]
         if arch["name"] == "timm":  # its stages are known once built (the flow checked before)
             try:
                 cfg.check_partial(stage_count(arch["architecture"], arch["args"]))
             except ValueError as err:
                 raise ParamsError(str(err)) from err
-        budgets, notes = resolve_budgets(self.data.inputs["train"].y, cfg.fractions, cfg.shots)
+        budgets, notes = resolve_budgets(self.baseline.inputs["train"].y, cfg.fractions, cfg.shots)
         for note in notes:  # the report repeats them
             log.warning("%s: %s", target, note)
-        strategies = sorted(cfg.strategies, key=lambda s: s != "scratch")  # the table's order
+        # the table's order: scratch, then each source's transfer strategies
+        arms = [("", "scratch")] + [
+            (source, strategy)
+            for source in params.sources
+            for strategy in cfg.strategies
+            if strategy != "scratch"
+        ]
         self.order = [
-            (strategy, budget.name, seed)
-            for strategy in strategies
+            (source, strategy, budget.name, seed)
+            for source, strategy in arms
             for budget in budgets
             for seed in cfg.seeds
         ]
         # the groups not finished yet, the most labels (the longest) first: parallel workers
         # then end together rather than one waiting for the last big group
         self.groups = [
-            Group(strategy, budget, tuple(cfg.seeds))
+            Group(source, strategy, budget, tuple(cfg.seeds))
             for budget in reversed(budgets)
-            for strategy in strategies
-            if any((strategy, budget.name, seed) not in self.progress.cells for seed in cfg.seeds)
+            for source, strategy in arms
+            if any(
+                (source, strategy, budget.name, seed) not in self.progress.cells
+                for seed in cfg.seeds
+            )
         ]
         # the grid's records, under the target's stage record once `open` (none before)
         self.records = GridRecords(Recorder(), self.inputs, cfg.freeze_blocks)
+        self.batch_size = cfg.batch_size  # what a run's epoch costs in steps
+
+    def data_for(self, group: Group) -> TargetData:
+        """What a group reads: its source's features and checkpoint (scratch: the first's
+        architecture)."""
+        return self.data[group.source] if group.source else self.baseline
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped
@@ -396,9 +439,22 @@ class TargetGrid:
         """Write the results table (the grid must be done) and forget the progress file."""
         cells = [self.progress.cells[key] for key in self.order]
         table = pd.DataFrame([c.row for c in cells], columns=RESULT_COLUMNS)
+        files.write_json(self.layout.curves(self.target), [self._cost(c) for c in cells])
         files.write_text(self.layout.results(self.target), table.to_csv(index=False))
         self.progress.path.unlink(missing_ok=True)  # done: the next run starts afresh
         return table
+
+    def _cost(self, cell: Cell) -> dict[str, Any]:
+        """What the compute table reads of a cell: its chosen run's validation accuracy per
+        epoch, the optimizer steps of an epoch, and the seconds of one (measured)."""
+        row = cell.row
+        return {
+            **{k: row[k] for k in ("source", "strategy", "budget", "seed", "n_labels")},
+            "val_acc": row["val_acc"],
+            "val_acc_curve": [epoch["val/acc"] for epoch in cell.history],
+            "steps_per_epoch": -(-row["n_labels"] // self.batch_size) if cell.history else 0,
+            "epoch_seconds": cell.epoch_seconds,
+        }
 
 
 class Future(Protocol):
@@ -434,7 +490,7 @@ class Fanout:
         self.grids[grid.target] = grid
         self.left[grid.target] = len(grid.groups)
         for group in grid.groups:
-            self.owner[self.submit(grid.data, group)] = grid.target
+            self.owner[self.submit(grid.data_for(group), group)] = grid.target
         if not grid.groups:  # every group was done before a restart
             self._finish(grid.target)
 
@@ -489,7 +545,7 @@ class Progress:
 
     def __init__(self, path: Path, fingerprint: str):
         self.path, self.fingerprint = path, fingerprint
-        self.cells: dict[tuple[str, str, int], Cell] = {}
+        self.cells: dict[tuple[str, str, str, int], Cell] = {}
         saved = _read_json(path)
         if saved.get("fingerprint") == fingerprint:
             self._keep(Cell(**cell) for cell in saved["cells"])
@@ -513,14 +569,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def data_files(target: str, layout: Layout) -> list[Path]:
-    """The files a target's grid reads: its splits, their features and the checkpoint."""
+def data_files(target: str, sources: Iterable[str], layout: Layout) -> list[Path]:
+    """The files a target's grid reads: its splits, and each source's features of them and
+    checkpoint."""
     inputs = [layout.prepared(target) / f"{s}.npz" for s in SPLITS]
-    return inputs + [layout.features(target) / f"{s}.npz" for s in SPLITS] + [layout.checkpoint]
+    for source in sources:
+        inputs += [layout.features(target, source) / f"{s}.npz" for s in SPLITS]
+        inputs.append(layout.checkpoint(source))
+    return inputs
 
 
 def main(argv: list[str] | None = None) -> None:
-    stage_command(__doc__, finetune, argv, per_target=True)
+    stage_command(__doc__, finetune, argv, per="target")
 
 
 if __name__ == "__main__":

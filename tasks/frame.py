@@ -94,8 +94,9 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parser(description: str, per_target: bool = False) -> argparse.ArgumentParser:
-    """The arguments every command takes: the params file and overrides (and a stage's target)."""
+def parser(description: str, per: str | None = None) -> argparse.ArgumentParser:
+    """The arguments every command takes: the params file and overrides (and, for a stage that
+    runs per target or per source, `--target` or `--source`: `per`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument(
@@ -106,32 +107,35 @@ def parser(description: str, per_target: bool = False) -> argparse.ArgumentParse
         metavar="KEY=VALUE",
         help="override one param, e.g. --set finetune.seeds=[0,1,2] (repeatable)",
     )
-    if per_target:
-        parser.add_argument("--target", required=True, help="a name from params' targets")
+    if per is not None:
+        parser.add_argument(f"--{per}", required=True, help=f"a name from params' {per}s")
     return parser
 
 
 def load(args: argparse.Namespace) -> Params:
-    """The params a command was given, checked (and its `--target`, if it takes one)."""
+    """The params a command was given, checked (and its `--target` or `--source`, if any)."""
     params = load_params(args.params, args.overrides)
-    target = getattr(args, "target", None)
-    if target is not None and target not in params.targets:
-        raise ParamsError(f"--target {target!r} is not in targets ({', '.join(params.targets)})")
+    for per, names in (("target", params.targets), ("source", params.sources)):
+        name = getattr(args, per, None)
+        if name is not None and name not in names:
+            raise ParamsError(f"--{per} {name!r} is not in {per}s ({', '.join(names)})")
     return params
 
 
 def preflight(params: Params, layout: Layout) -> None:
     """What can be known to fail before any work: every user data file (read and checked as
     `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
-    for note in check_targets_fit(params.model, check_user_data(params)):
-        log.warning("%s", note)
+    shapes = check_user_data(params)
+    for source in shapes.keys() & params.sources.keys():  # a joint one's are its members'
+        for note in check_targets_fit(params.model, shapes, source, params.targets):
+            log.warning("%s: %s", source, note)
     if params.model.backbone == "timm":
         check_image_model(params)
     check_writable(
-        layout.prepared("source").parent,
-        layout.checkpoint.parent,
+        *(layout.prepared(s).parent for s in params.sources),
+        *(layout.checkpoint(s).parent for s in params.sources),
         layout.reports,
-        *(layout.features(t) for t in params.targets),
+        *(layout.features(t, s) for t in params.targets for s in params.sources),
         *(layout.results(t).parent for t in params.targets),
     )
     check_tracking(tracking_uri())
@@ -320,12 +324,11 @@ def execution_params(params: Params) -> dict[str, str]:
     """What the parent record says of its execution's inputs, to compare executions by: the
     params file, its hash and overrides, and the data it studied."""
     origin = params.origin
-    source = params.source
     return {
         "params_file": origin.path if origin else "(in code)",
         "params_sha256": origin.sha256[:12] if origin else "",
         "overrides": " ".join(origin.overrides) if origin else "",
-        "source": str(source.path or f"{source.kind} (built in)"),
+        "sources": ", ".join(params.sources),
         "targets": ", ".join(params.targets),
     }
 
@@ -342,16 +345,17 @@ def stage_command(
     description: str,
     stage: Callable[..., object],
     argv: list[str] | None = None,
-    per_target: bool = False,
+    per: str | None = None,
 ) -> None:
-    """A stage's command line, what `dvc repro` runs: `stage(params, [target,] layout,
-    recorder)` in an execution of its own (or of its `dvc repro`)."""
-    args = parser(description, per_target).parse_args(argv)
+    """A stage's command line, what `dvc repro` runs: `stage(params, [name,] layout,
+    recorder)`, with the `--target` or `--source` name for a stage that runs `per` one, in an
+    execution of its own (or of its `dvc repro`)."""
+    args = parser(description, per).parse_args(argv)
 
     def body() -> None:
         params = load(args)
         with execution(params, "stage") as run:  # checks the tracking store first
-            target = [args.target] if per_target else []
-            stage(params, *target, run.layout, run.recorder)
+            name = [getattr(args, per)] if per else []
+            stage(params, *name, run.layout, run.recorder)
 
     command(body)

@@ -10,17 +10,17 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from tasks.config.params import TEXT_BACKBONES, DatasetSpec, Params
+from tasks.config.params import TEXT_BACKBONES, DatasetSpec, Params, SourceSpec
 from tasks.data import tokens
 from tasks.data.datasets import Labelled, class_counts, save_splits, small_validation
 from tasks.data.sources import (
-    SOURCE,
     BuiltDataset,
     build_splits,
     cuts_test,
     datasets,
     files_read,
     image_params,
+    unite,
 )
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder, stage_tags
@@ -32,18 +32,22 @@ log = logging.getLogger(__name__)
 
 def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dict[str, int]]:
     """Write data/prepared/<dataset>/{train,val,test}.npz and meta.json; return split sizes.
-    The source gets no test.npz unless it ships test arrays (pretraining never scores one)."""
+    A source gets no test.npz unless it ships test arrays (pretraining never scores one)."""
     named = datasets(params)
-    root = layout.prepared("source").parent
+    joint = {name: spec for name, spec in params.sources.items() if spec.kind == "joint"}
+    root = layout.prepared(next(iter(named))).parent
     files.check_writable(root)
     sizes = {}
     read = [path for spec, _ in named.values() for path in files_read(spec)]
     with recorder.child("prepare", tags=stage_tags("prepare"), inputs=read) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
         built = {
-            name: build_splits(spec, params.split, key, cuts_test(name), image_params(params))
+            name: build_splits(spec, params.split, key, cuts_test(key), image_params(params))
             for name, (spec, key) in named.items()
         }
+        for name, spec in joint.items():
+            built[name] = unite({m: built[m] for m in spec.of}, f"sources.{name}")
+            named[name] = (spec, f"sources.{name}")
         # what every dataset's meta says of its token ids, or of off-the-shelf weights
         shared: dict[str, Any] = {}
         if params.model.backbone in TEXT_BACKBONES:
@@ -57,7 +61,7 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
             # an older run's split this one no longer writes (the test.npz once cut from the
             # source) must not pass for this run's
             keep = {f"{s}.npz" for s in data.splits} | {"meta.json"}
-            if "tokens" in shared and name == SOURCE:
+            if "tokens" in shared and name in params.sources:
                 keep.add(tokens.TOKENIZER_FILE)
             files.prune(layout.prepared(name), keep=keep)
             if note := small_validation(meta["val_class_counts"]):
@@ -89,7 +93,7 @@ def _tokenized(
         # reruns it when they change (this stage's output changes with the hash)
         origin = {"pretrained": {"path": str(pretrained), "sha256": encoder.weights_sha256}}
     else:
-        tokenizer = tokens.train_tokenizer(built[SOURCE].splits["train"].x, cfg)
+        tokenizer = tokens.train_tokenizer(built[_text_source(params)].splits["train"].x, cfg)
         pad_id, kind, origin = tokenizer.token_to_id("[PAD]"), cfg.tokenizer, {}
     encoded = {
         name: dataclasses.replace(
@@ -101,8 +105,13 @@ def _tokenized(
         )
         for name, data in built.items()
     }
-    tokens.save(tokenizer, layout.prepared(SOURCE) / tokens.TOKENIZER_FILE)
+    tokens.save(tokenizer, layout.prepared(_text_source(params)) / tokens.TOKENIZER_FILE)
     return encoded, {"tokens": tokens.describe(tokenizer, pad_id, kind), **origin}
+
+
+def _text_source(params: Params) -> str:
+    """A text study's one source (params allow one): its tokenizer makes every dataset's ids."""
+    return next(iter(params.sources))
 
 
 def _warn_outside_raw(pretrained: Path, layout: Layout) -> None:
@@ -123,7 +132,7 @@ def _weights_origin(pretrained: Path, layout: Layout) -> dict[str, Any]:
     return {"pretrained": {"path": str(pretrained), "sha256": files.sha256(pretrained)}}
 
 
-def _meta(name: str, spec: DatasetSpec, data: BuiltDataset) -> dict:
+def _meta(name: str, spec: DatasetSpec | SourceSpec, data: BuiltDataset) -> dict:
     num_classes = len(data.classes)
     return {
         "name": name,

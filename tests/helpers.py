@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -77,13 +78,31 @@ def digest(root: Path) -> dict[str, str]:
     }
 
 
+# Measured seconds (pretraining's and each run's share of its group's), which differ between
+# executions by nature: the files that hold them, and the report's section that quotes them.
+MEASURED = (
+    "data/checkpoints/*/backbone.json",
+    "data/results/*.curves.json",
+    "reports/compute.csv",
+)
+MEASURED_SECTION = {"report.md": "## Compute saved", "report.html": "<h2>Compute saved</h2>"}
+
+
 def results_digest(root: Path) -> dict[str, str]:
     """`digest`, where two executions must agree: the same, but the reports' line naming their
-    execution (an MLflow run id, different in every execution) is left out."""
-    found = digest(root)
+    execution (an MLflow run id, different in every execution) and what holds measured seconds
+    are left out."""
+    found = {
+        name: md5
+        for name, md5 in digest(root).items()
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in MEASURED)
+    }
     for name, line_start in [("report.md", "Execution: "), ("report.html", "<p>Execution: ")]:
-        report = (root / "reports" / name).read_text().splitlines()
-        kept = "\n".join(line for line in report if not line.startswith(line_start))
+        report = (root / "reports" / name).read_text()
+        start = report.index(MEASURED_SECTION[name])
+        end = report.index("<h2>" if name.endswith(".html") else "\n## ", start + 1)
+        report = report[:start] + report[end:]
+        kept = "\n".join(line for line in report.splitlines() if not line.startswith(line_start))
         found[f"reports/{name}"] = hashlib.md5(kept.encode()).hexdigest()
     return found
 

@@ -22,6 +22,7 @@ from tests.helpers import REPO
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 STAGES = ["prepare", "pretrain", "extract", "finetune", "compare"]
 PER_TARGET = {"extract", "finetune"}
+PER_SOURCE = {"pretrain"}
 KEY = "${key}"
 
 
@@ -66,13 +67,17 @@ def test_outputs_are_the_layout_paths() -> None:
     def rel(path: Path) -> str:
         return path.as_posix()
 
-    assert body("prepare")["outs"] == [rel(layout.prepared("source").parent)]
-    assert body("pretrain")["outs"] == [rel(layout.checkpoint)]
-    assert body("pretrain")["metrics"] == [rel(layout.checkpoint_meta)]
-    assert body("extract")["outs"] == [rel(layout.features(KEY))]
-    assert body("finetune")["outs"] == [rel(layout.results(KEY))]
+    assert body("prepare")["outs"] == [rel(layout.prepared("any").parent)]
+    assert body("pretrain")["outs"] == [rel(layout.checkpoint(KEY))]
+    assert body("pretrain")["metrics"] == [rel(layout.checkpoint_meta(KEY))]
+    assert body("extract")["outs"] == [rel(layout.scores(KEY).parent)]
+    assert layout.features(KEY, "any").parent == layout.scores(KEY).parent
+    assert body("finetune")["outs"] == [rel(layout.results(KEY)), rel(layout.curves(KEY))]
     reports = rel(layout.reports)
-    written = ("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "report.md")
+    written = (
+        *("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "sources.csv"),
+        *("transferability.csv", "compute.csv", "report.md"),
+    )
     assert body("compare")["outs"] == [
         *(f"{reports}/{name}" for name in (*written, "report.html")),
         f"{reports}/plots",
@@ -82,13 +87,15 @@ def test_outputs_are_the_layout_paths() -> None:
 
 def test_inputs_are_the_upstream_outputs() -> None:
     layout = Layout(Path("."))
-    assert rel_in(layout.prepared("source"), body("pretrain")["deps"])
+    assert rel_in(layout.prepared(KEY), body("pretrain")["deps"])
+    every_checkpoint = layout.checkpoint("any").parent.parent
+    for stage in ("extract", "finetune", "compare"):
+        assert rel_in(every_checkpoint, body(stage)["deps"])
     for stage in ("extract", "finetune"):
         assert rel_in(layout.prepared(KEY), body(stage)["deps"])
-        assert rel_in(layout.checkpoint, body(stage)["deps"])
-    assert rel_in(layout.features(KEY), body("finetune")["deps"])
+    assert rel_in(layout.features(KEY, "any").parent, body("finetune")["deps"])
     assert rel_in(layout.results(KEY).parent, body("compare")["deps"])
-    assert rel_in(layout.features(KEY).parent, body("compare")["deps"])
+    assert rel_in(layout.features(KEY, "any").parent.parent, body("compare")["deps"])
     assert rel_in(layout.prepared(KEY).parent, body("compare")["deps"])
 
 
@@ -101,7 +108,9 @@ def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
     with Repo(str(REPO)) as repo:
         names = {stage.addressing for stage in repo.index.stages}
     per_target = {f"{s}@{t}" for s in PER_TARGET for t in params.targets}
-    assert names == {"prepare", "pretrain", "compare"} | per_target
+    per_source = {f"pretrain@{source}" for source in params.sources}
+    assert len(per_source) == 2  # the default study compares two sources
+    assert names == {"prepare", "compare"} | per_target | per_source
 
 
 def test_user_data_folder_is_a_prepare_dependency() -> None:
@@ -232,7 +241,9 @@ def covers(declared: str, read: str) -> bool:
 
 
 def declared_params(stage: str) -> list[str]:
-    return list(body(stage).get("params", []))
+    """A stage's params keys; a per-source stage's `sources.${key}` (its own entry of the
+    mapping, which a stand-in records as a read of `sources`) counts as `sources`."""
+    return [key.replace(f".{KEY}", "") for key in body(stage).get("params", [])]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -254,7 +265,7 @@ def test_schema_walk_tells_keys_from_non_keys() -> None:
                 "runtime.threads",
                 "pretrain.lr",
                 "targets",
-                "source.generator",
+                "sources",
                 "finetune.probe_l2",
             ],
         )
@@ -267,7 +278,7 @@ def test_schema_walk_tells_keys_from_non_keys() -> None:
                 "pretrain.lr.x",
                 "nothing",
                 "targets.shifted",
-                "source.generator.seed",
+                "sources.digits.generator",
             ],
         )
     )
@@ -372,8 +383,9 @@ def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict
             function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
             recorded = Reads()
             params = Tracked(study, "", recorded)
-            for target in study.targets if stage in PER_TARGET else [None]:
-                function(params, *([target] if target else []), layout, NoRecorder())
+            names = study.targets if stage in PER_TARGET else study.sources
+            for name in names if stage in PER_TARGET | PER_SOURCE else [None]:
+                function(params, *([name] if name else []), layout, NoRecorder())
             found[stage] |= recorded.keys
     return found
 

@@ -28,6 +28,7 @@ EPOCHS = 8
 # (patience = epochs), so both runs keep the same epoch's weights. One intra-op thread: the
 # two ranks then do not compete for the 2 cores (and single-process runs use the same count).
 OVERRIDES = [
+    "sources.views.objective=supervised",  # contrastive pretraining runs in one process
     f"pretrain.max_epochs={EPOCHS}",
     f"pretrain.patience={EPOCHS}",
     "pretrain.batch_size=49",
@@ -51,15 +52,24 @@ def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path
     params = load_params(workspace / "params.yaml", OVERRIDES)
     prepare(params, layout, MemoryRecorder())
     single = MemoryRecorder()
-    pretrain(params, layout, single)  # processes: 1, in this process
+    pretrain(params, "digits", layout, single)  # processes: 1, in this process
     single_losses = [v for _, key, v in single.children[0].history if key == "train/loss"]
-    single_weights = load_checkpoint(layout.checkpoint)["state_dict"]
+    single_weights = load_checkpoint(layout.checkpoint("digits"))["state_dict"]
     assert len(single_losses) == EPOCHS
 
     store = f"sqlite:///{workspace / 'mlflow.db'}"
     sets = [arg for override in OVERRIDES for arg in ("--set", override)]
     result = run_command(
-        ["python", "-m", "tasks.pretrain", *sets, "--set", "pretrain.processes=2"],
+        [
+            "python",
+            "-m",
+            "tasks.pretrain",
+            "--source",
+            "digits",
+            *sets,
+            "--set",
+            "pretrain.processes=2",
+        ],
         cwd=workspace,
         env={"MLFLOW_TRACKING_URI": store},
     )
@@ -71,7 +81,7 @@ def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path
     runs = client.search_runs([experiment])
     (parent,) = [r for r in runs if PARENT_TAG not in r.data.tags]
     (stage,) = [r for r in runs if r is not parent]
-    assert stage.info.run_name == "pretrain"
+    assert stage.info.run_name == "pretrain digits"
     assert stage.data.tags[PARENT_TAG] == parent.info.run_id
     assert {parent.info.status, stage.info.status} == {"FINISHED"}
     assert stage.data.params["processes"] == "2"
@@ -86,15 +96,15 @@ def test_two_processes_pretrain_as_one_with_the_same_global_batch(tmp_path: Path
     print(f"DDP vs one process: max |train loss difference| per epoch {difference:.2e}")
 
     # the checkpoint rank 0 wrote loads as any other, with weights close to one process's
-    checkpoint = load_checkpoint(layout.checkpoint)
+    checkpoint = load_checkpoint(layout.checkpoint("digits"))
     assert checkpoint["params"]["pretrain"]["processes"] == 2
     for name, weight in checkpoint["state_dict"].items():
         torch.testing.assert_close(weight, single_weights[name], rtol=0, atol=WEIGHT_TOLERANCE)
-    model = classifier_from_checkpoint(layout.checkpoint, num_classes=3, seed=0)
+    model = classifier_from_checkpoint(layout.checkpoint("digits"), num_classes=3, seed=0)
     assert model(torch.zeros(2, 1, 40)).shape == (2, 3)
-    summary = json.loads(layout.checkpoint_meta.read_text())
+    summary = json.loads(layout.checkpoint_meta("digits").read_text())
     assert summary["epochs_run"] == EPOCHS
-    assert not layout.pretrain_state.exists()
+    assert not layout.pretrain_state("digits").exists()
 
 
 @pytest.mark.parametrize(("world", "batch_size"), [(2, 64), (2, 49), (3, 17), (4, 3)])

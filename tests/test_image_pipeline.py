@@ -82,7 +82,7 @@ def test_image_records_nest_and_the_backbone_is_timms(image_runs) -> None:
     experiment = client.get_experiment_by_name(params.experiment)
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     assert {r.data.tags.get("level") for r in runs} == {"execution", "stage", "budget", "seed"}
-    payload = load_checkpoint(workspace / "data" / "checkpoints" / "backbone.pt")
+    payload = load_checkpoint(workspace / "data" / "checkpoints" / "source" / "backbone.pt")
     assert payload["arch"] == {
         "name": "timm",
         "in_chans": 1,
@@ -356,9 +356,9 @@ def test_off_the_shelf_weights_stand_in_for_pretraining(tmp_path: Path) -> None:
     params = load_params(IMAGES_TINY, [f"model.pretrained_path={path}"])
     layout = Layout(tmp_path / "ws")
     prepare(params, layout, Recorder())
-    summary = pretrain(params, layout, Recorder())
-    assert summary == {"epochs_run": 0}
-    payload = load_checkpoint(layout.checkpoint)
+    summary = pretrain(params, "source", layout, Recorder())
+    assert summary == {"epochs_run": 0, "steps": 0, "seconds": 0.0}
+    payload = load_checkpoint(layout.checkpoint("source"))
     assert torch.equal(
         payload["state_dict"]["backbone.net.layer2.0.conv1.weight"],
         weights["layer2.0.conv1.weight"],
@@ -366,7 +366,7 @@ def test_off_the_shelf_weights_stand_in_for_pretraining(tmp_path: Path) -> None:
     assert payload["source_meta"]["pretrained"]["path"] == str(path)
     save_file(_resnet_weights(1, seed=3), str(path))  # new weights, prepare not rerun
     with pytest.raises(CheckpointError, match=r"resnet\.safetensors: changed since `prepare`"):
-        pretrain(params, layout, Recorder())
+        pretrain(params, "source", layout, Recorder())
 
 
 @needs_fashion

@@ -242,3 +242,66 @@ def test_params_survive_a_dump_and_reload(file: Path) -> None:
     params = load_params(file)
     again = type(params).model_validate(params.model_dump(mode="json"))
     assert again.model_dump() == params.model_dump()
+
+
+def test_the_deprecated_source_key_is_read_as_one_source(tmp_path: Path, caplog) -> None:
+    doc = yaml.safe_load(TINY.read_text())
+    doc["source"] = doc.pop("sources")["digits"]
+    path = write(tmp_path, yaml.safe_dump(doc))
+    params = load_params(path)
+    assert list(params.sources) == ["source"]
+    assert params.sources["source"].classes == [0, 1, 2, 3, 4]
+    assert "`source:` is deprecated" in caplog.text and str(path) in caplog.text
+    doc["sources"] = {"other": doc["source"]}
+    with pytest.raises(ParamsError, match="not both"):
+        load_params(write(tmp_path, yaml.safe_dump(doc)))
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["targets"].update(digits=d["targets"]["shifted"]), "names a source and"),
+        (
+            lambda d: d["sources"].update(both={"kind": "joint", "of": ["digits"]}),
+            "two or more source names",
+        ),
+        (
+            lambda d: d["sources"].update(both={"kind": "joint", "of": ["digits", "nope"]}),
+            "sources.both.of: 'nope' is not a source to unite",
+        ),
+        (lambda d: d["sources"]["digits"].update(of=["views"]), "'of' is only for kind joint"),
+        (lambda d: d["sources"]["views"].update(objective="mlm"), "mlm needs model.backbone"),
+        (
+            lambda d: d["pretrain"].update(processes=2),
+            "sources.views.objective: contrastive runs in one process",
+        ),
+        (lambda d: d["targets"]["shifted"].update(objective="contrastive"), "unknown key"),
+    ],
+)
+def test_bad_sources_are_refused_by_key(tmp_path: Path, edit, expected: str) -> None:
+    with pytest.raises(ParamsError, match=expected):
+        load_params(mutated(tmp_path, edit))
+
+
+def test_a_joint_source_unites_its_members_classes_apart(tmp_path: Path) -> None:
+    from tasks.config.params import SplitParams
+    from tasks.data.sources import build_splits, unite
+
+    params = load_params(
+        mutated(
+            tmp_path,
+            lambda d: d["sources"].update(both={"kind": "joint", "of": ["digits", "views"]}),
+        )
+    )
+    split = SplitParams()
+    members = {
+        name: build_splits(params.sources[name], split, f"sources.{name}", cut_test=False)
+        for name in ("digits", "views")
+    }
+    joint = unite(members, "sources.both")
+    assert joint.classes == [f"digits:{c}" for c in range(5)] + [f"views:{c}" for c in range(10)]
+    train = joint.splits["train"]
+    assert len(train) == sum(len(m.splits["train"]) for m in members.values())
+    assert train.y[: len(members["digits"].splits["train"])].max() <= 4  # digits first
+    assert train.y[len(members["digits"].splits["train"]) :].min() >= 5  # views shifted past
+    assert "test" not in joint.splits

@@ -25,7 +25,10 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 PARENT = "mlflow.parentRunId"
 OUTPUTS = [
-    "data/checkpoints/backbone.pt",
+    "data/checkpoints/digits/backbone.pt",
+    "data/checkpoints/views/backbone.pt",
+    "data/features/shifted/scores.csv",
+    "reports/sources.csv",
     "data/results/new_classes.csv",
     "data/results/shifted.csv",
     "reports/comparison.csv",
@@ -62,9 +65,9 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
     targets = list(params.targets)
     assert set(children) == {
         "prepare",
-        "pretrain",
+        *(f"pretrain {s}" for s in params.sources),
         "compare",
-        *(f"extract {t}" for t in targets),
+        *(f"extract {t} {s}" for t in targets for s in params.sources),
         *(f"finetune {t}" for t in targets),
     }
     assert parent.data.tags["level"] == "execution"
@@ -157,19 +160,25 @@ def test_every_run_carries_its_lineage(runs, orchestrator) -> None:
     head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
     experiment = client.get_experiment_by_name(load_params(workspace / "params.yaml").experiment)
     all_runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    checkpoint_md5 = hashlib.md5(
-        (workspace / "data/checkpoints/backbone.pt").read_bytes()
-    ).hexdigest()
+    checkpoints = {
+        source: hashlib.md5(
+            (workspace / f"data/checkpoints/{source}/backbone.pt").read_bytes()
+        ).hexdigest()
+        for source in ("digits", "views")
+    }
     for run in all_runs:
         assert run.data.tags["git.commit"] == head and run.data.tags["git.dirty"] == "false"
         assert run.data.tags["orchestrator"] == orchestrator
         assert ("prefect.flow_run_id" in run.data.tags) == (orchestrator == "prefect")
     cells = [r for r in all_runs if "kind" in r.data.tags]
     for cell in cells:
-        assert cell.data.tags["dvc.md5.data/checkpoints/backbone.pt"] == checkpoint_md5
         digests = {d.dataset.name: d.dataset.digest for d in cell.inputs.dataset_inputs}
-        assert digests["data/checkpoints/backbone.pt"] == checkpoint_md5
-        assert f"data/features/{cell.data.tags['target']}/train.npz" in digests
+        for source, checkpoint_md5 in checkpoints.items():  # a target's grid reads them all
+            assert (
+                cell.data.tags[f"dvc.md5.data/checkpoints/{source}/backbone.pt"] == checkpoint_md5
+            )
+            assert digests[f"data/checkpoints/{source}/backbone.pt"] == checkpoint_md5
+            assert f"data/features/{cell.data.tags['target']}/{source}/train.npz" in digests
 
 
 def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
@@ -183,8 +192,8 @@ def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
     lock = yaml.safe_load((workspace / "dvc.lock").read_text())
     locked = next(
         o["md5"]
-        for o in lock["stages"]["pretrain"]["outs"]
-        if o["path"] == "data/checkpoints/backbone.pt"
+        for o in lock["stages"]["pretrain@digits"]["outs"]
+        if o["path"] == "data/checkpoints/digits/backbone.pt"
     )
     result = run_command(
         ["python", "-m", "flows.trace", cell.info.run_id],
@@ -192,7 +201,7 @@ def test_trace_names_the_checkpoint_that_dvc_lock_holds(runs) -> None:
         env={"MLFLOW_TRACKING_URI": uri},
     )
     assert result.returncode == 0, result.stderr
-    assert f"data/checkpoints/backbone.pt  {locked}  = dvc.lock" in result.stdout
+    assert f"data/checkpoints/digits/backbone.pt  {locked}  = dvc.lock" in result.stdout
     head = run_command(["git", "rev-parse", "HEAD"], cwd=workspace).stdout.strip()
     assert f"git checkout {head}" in result.stdout
     assert f"dvc repro finetune@{cell.data.tags['target']}" in result.stdout
@@ -203,14 +212,14 @@ def test_backbone_is_registered_with_alias_and_lineage(runs, orchestrator) -> No
     workspace = runs[orchestrator]
     params = load_params(workspace / "params.yaml")
     client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
-    latest, model, files = registered_backbone(client, params.registered_model)
+    latest, model, files = registered_backbone(client, f"{params.registered_model}-digits")
     pretrain = client.get_run(latest.run_id)
-    assert pretrain.info.run_name == "pretrain" and model.source_run_id == latest.run_id
+    assert pretrain.info.run_name == "pretrain digits" and model.source_run_id == latest.run_id
     assert "MLmodel" in files
     source_md5 = hashlib.md5(
-        (workspace / "data/prepared/source/train.npz").read_bytes()
+        (workspace / "data/prepared/digits/train.npz").read_bytes()
     ).hexdigest()
-    assert latest.tags["dvc.md5.data/prepared/source/train.npz"] == source_md5
+    assert latest.tags["dvc.md5.data/prepared/digits/train.npz"] == source_md5
     assert float(latest.tags["val_acc"]) == pytest.approx(
         pretrain.data.metrics["best/val_acc"], abs=1e-6
     )
@@ -226,17 +235,20 @@ def test_an_unchanged_backbone_keeps_its_registered_version(runs, tmp_path) -> N
     shutil.copytree(runs["prefect"], workspace, symlinks=True)
     store = f"sqlite:///{workspace / 'mlflow.db'}"
     again = run_command(
-        ["python", "-m", "tasks.pretrain"], cwd=workspace, env={"MLFLOW_TRACKING_URI": store}
+        ["python", "-m", "tasks.pretrain", "--source", "digits"],
+        cwd=workspace,
+        env={"MLFLOW_TRACKING_URI": store},
     )
     assert again.returncode == 0, again.stderr
     params = load_params(workspace / "params.yaml")
     client = MlflowClient(store)
-    versions = client.search_model_versions(f"name = '{params.registered_model}'")
+    versions = client.search_model_versions(f"name = '{params.registered_model}-digits'")
     assert [str(v.version) for v in versions] == ["1"]
     experiment = client.get_experiment_by_name(params.experiment).experiment_id
     models = client.search_logged_models([experiment])
-    assert len(models) == 2  # one per pretraining run, both in the Models tab
-    assert len({m.tags["content_md5"] for m in models}) == 1
+    digits = [m for m in models if m.tags.get("source") == "digits"]
+    assert len(models) == 3 and len(digits) == 2  # one per pretraining run, in the Models tab
+    assert len({m.tags["content_md5"] for m in digits}) == 1
 
 
 def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:

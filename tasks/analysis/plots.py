@@ -1,4 +1,5 @@
-"""The report's figures: learning curves, gain heatmaps, and the features against the raw inputs.
+"""The report's figures: learning curves, gain heatmaps, the features against the raw inputs,
+and the transferability scores against the measured gains.
 
 Each function draws one PNG from the comparison tables (or one target's arrays) and writes it
 atomically, byte-for-byte reproducibly (no timestamp or software tag in the file).
@@ -30,12 +31,13 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def learning_curves(table: pd.DataFrame, target: str, path: Path) -> None:
-    """Test accuracy against labels (log x), one line per strategy, its 95% interval as a band."""
+    """Test accuracy against labels (log x), one line per arm (a source's strategy, or
+    scratch), its 95% interval as a band."""
     rows = table[table.target == target]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for strategy, curve in rows.groupby("strategy", sort=False):
+    for name, curve in rows.groupby("arm", sort=False):
         curve = curve.sort_values("n_labels")
-        (line,) = ax.plot(curve.n_labels, curve.test_acc_mean, marker="o", label=strategy)
+        (line,) = ax.plot(curve.n_labels, curve.test_acc_mean, marker="o", label=name)
         ax.fill_between(
             curve.n_labels,
             curve.test_acc_ci_low,
@@ -49,18 +51,18 @@ def learning_curves(table: pd.DataFrame, target: str, path: Path) -> None:
     ax.set_ylabel("test accuracy (mean, 95% t-interval)")
     ax.set_title(f"{target}: learning curves")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(fontsize="small")
     fig.tight_layout()
     _save(fig, path)
 
 
 def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
-    """Paired gain over scratch in points, transfer strategy x label budget (fewest labels
-    first); ▲/▼ where the 95% interval excludes zero."""
+    """Paired gain over scratch in points, transfer arm x label budget (fewest labels first);
+    ▲/▼ where the 95% interval excludes zero."""
     rows = table[(table.target == target) & (table.strategy != "scratch")]
-    gains = rows.pivot(index="strategy", columns="budget", values="gain_pts")
-    verdicts = rows.pivot(index="strategy", columns="budget", values="verdict")
-    order = list(dict.fromkeys(rows.strategy))
+    gains = rows.pivot(index="arm", columns="budget", values="gain_pts")
+    verdicts = rows.pivot(index="arm", columns="budget", values="verdict")
+    order = list(dict.fromkeys(rows.arm))
     budgets = list(dict.fromkeys(rows.sort_values("n_labels", kind="stable").budget))
     gains, verdicts = gains.loc[order, budgets], verdicts.loc[order, budgets]
     limit = max(float(np.nanmax(np.abs(gains.to_numpy()))), 1.0)
@@ -88,6 +90,33 @@ def gain_heatmap(table: pd.DataFrame, target: str, path: Path) -> None:
     ax.set_xlabel("label budget (labels)")
     ax.set_title(f"{target}: gain over scratch, points")
     fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def scores_vs_gain(
+    sources: pd.DataFrame, scores: pd.DataFrame, agreement: pd.DataFrame, path: Path
+) -> None:
+    """One panel per transferability score: each (source, target) pair's mean score against its
+    measured AULC gain, a marker per target, with Kendall's tau in the title."""
+    pairs = sources.merge(scores, on=["target", "source"], validate="1:1")
+    taus = agreement.set_index("score")
+    names = list(taus.index)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), dpi=120)
+    for ax, score in zip(np.atleast_1d(axes), names, strict=True):
+        for i, (target, points) in enumerate(pairs.groupby("target", sort=False)):
+            marker = "osD^v<>ph*"[i % 10]
+            ax.scatter(points[score], points.aulc_gain_pts, marker=marker, label=target)
+            for row in points.itertuples():
+                ax.annotate(row.source, (getattr(row, score), row.aulc_gain_pts), fontsize=7)
+        tau = taus.loc[score]
+        shown = f"tau {tau.kendall_tau:+.2f}" if not np.isnan(tau.kendall_tau) else "no score"
+        ax.set_title(f"{score}: {shown}")
+        ax.set_xlabel(f"{score} (mean over budgets and seeds)")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("AULC gain over scratch, points")
+    np.atleast_1d(axes)[0].legend(fontsize="small")
     fig.tight_layout()
     _save(fig, path)
 

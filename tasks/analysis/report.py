@@ -9,6 +9,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -18,6 +19,9 @@ from tasks.data.datasets import load_meta
 from tasks.data.sources import datasets
 from tasks.recording.lineage import md5
 from tasks.workspace.layout import Layout
+
+if TYPE_CHECKING:
+    from tasks.compare import Comparison
 
 FRESH_LAYER = (
     "A target the pretrained input layer cannot take gets a fresh one (seed 0 in every run, so "
@@ -83,8 +87,17 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
         shape = "x".join(map(str, meta["input_shape"]))
         shape = f"{SHAPE_NAMES[params.model.backbone]} {shape}"
         sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
-        role = f"; {_pretraining(params, meta)}" if name == "source" else ""
+        role = f"; {_pretraining(params, name, meta)}" if name in params.sources else ""
         lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}{role}")
+    for name, spec in params.sources.items():
+        if spec.kind == "joint":
+            meta = load_meta(layout.prepared(name))
+            sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
+            members = ", ".join(f"`{m}`" for m in spec.of or [])
+            lines.append(
+                f"- `sources.{name}`: the union of {members}, each one's classes kept apart; "
+                f"{sizes}; {_pretraining(params, name, meta)}"
+            )
     return lines
 
 
@@ -101,9 +114,10 @@ def _augmentation(params: Params) -> list[str]:
     ]
 
 
-def _pretraining(params: Params, source_meta: dict) -> str:
-    """How the backbone came from the source: trained on its labels or its masked tokens, or
-    not at all (an off-the-shelf encoder, named by its weights' hash)."""
+def _pretraining(params: Params, name: str, source_meta: dict) -> str:
+    """How the backbone came from source `name`: trained on its labels, on two augmented views
+    of each example, or on its masked tokens, or not at all (an off-the-shelf encoder, named by
+    its weights' hash)."""
     if "pretrained" in source_meta:
         origin = source_meta["pretrained"]
         return (
@@ -111,8 +125,14 @@ def _pretraining(params: Params, source_meta: dict) -> str:
             f"{origin['sha256'][:12]}) stand in for it; "
             + ("only its texts were tokenised" if "tokens" in source_meta else "unused")
         )
-    if params.pretrain.objective == "mlm":
+    objective = params.sources[name].objective_or(params.pretrain.objective)
+    if objective == "mlm":
         return "pretrained by masked-language modelling on its texts (labels unused)"
+    if objective == "contrastive":
+        return (
+            "pretrained contrastively (SimCLR's NT-Xent on two augmented views, temperature "
+            f"{params.pretrain.temperature:g}; labels unused)"
+        )
     return "pretrained on its labels"
 
 
@@ -130,7 +150,7 @@ def read_verdicts(path: Path) -> pd.DataFrame:
     """reports/verdicts.csv as `compare` wrote it (target names stay strings)."""
     return pd.read_csv(
         path,
-        dtype={"target": str, "strategy": str, "verdict": str},
+        dtype={"target": str, "source": str, "strategy": str, "arm": str, "verdict": str},
         keep_default_na=False,
         na_values={"gain_pts_ci_low": [""], "gain_pts_ci_high": [""]},
     )
@@ -145,7 +165,7 @@ def verdict_table(verdicts: pd.DataFrame) -> pd.DataFrame:
             "budget": verdicts.budget,
             "labels": verdicts.n_labels,
             "per class": verdicts.per_class,
-            "best transfer (on val)": verdicts.strategy,
+            "best transfer (on val)": verdicts.arm,
             "test acc": verdicts.test_acc_mean.map("{:.3f}".format),
             "scratch": verdicts.scratch_acc_mean.map("{:.3f}".format),
             "gain, points": verdicts.gain_pts.map(_points),
@@ -162,7 +182,7 @@ def summary_markdown(summary: pd.DataFrame) -> str:
     shown = pd.DataFrame(
         {
             "target": summary.target,
-            "strategy": summary.strategy,
+            "strategy": summary.arm,
             "AULC": summary.aulc.map("{:.3f}".format),
             "AULC gain, points": summary.aulc_gain_pts.map(_points),
             "data multiplier, fewest labels": summary.data_multiplier_at_fewest_labels,
@@ -197,17 +217,94 @@ def _header(context: Context) -> list[str]:
     return lines
 
 
-def render(
-    params: Params,
-    targets: list[str],
-    verdicts: pd.DataFrame,
-    summary: pd.DataFrame,
-    context: Context,
-) -> str:
+def source_matrix_markdown(sources: pd.DataFrame) -> str:
+    """Targets as rows, sources as columns: each pair's AULC gain with its interval, verdict
+    and strategy (chosen on validation); the target's best source (on validation) in bold."""
+    texts = []
+    for row in sources.itertuples():
+        interval = _interval(row.aulc_gain_pts_ci_low, row.aulc_gain_pts_ci_high)
+        text = f"{_points(row.aulc_gain_pts)} {interval} {row.verdict} ({row.strategy})"
+        texts.append(f"**{text}**" if row.best else text)
+    cells = sources.assign(text=texts)
+    matrix = cells.pivot(index="target", columns="source", values="text")
+    best = sources[sources.best].set_index("target").source
+    matrix["best source (on val)"] = best
+    return matrix.reset_index().to_markdown(index=False, disable_numparse=True)
+
+
+def agreement_markdown(agreement: pd.DataFrame) -> str:
+    shown = pd.DataFrame(
+        {
+            "score": agreement.score,
+            "Kendall's tau": agreement.kendall_tau.map("{:+.2f}".format),
+            f"{CONFIDENCE:.0%} bootstrap interval": [
+                "n/a" if pd.isna(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+                for lo, hi in zip(agreement.tau_ci_low, agreement.tau_ci_high, strict=True)
+            ],
+            "pairs": agreement.pairs,
+            "picked the best source": [
+                f"{p} of {n} targets" if n else "n/a (one source)"
+                for p, n in zip(agreement.targets_picked, agreement.targets_compared, strict=True)
+            ],
+        }
+    )
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def _multiplier(value: float) -> str:
+    return "never" if pd.isna(value) else f"{value:.2f}x"
+
+
+def compute_markdown(compute: pd.DataFrame, sources: pd.DataFrame) -> str:
+    """The compute table for each (target, source) pair's chosen strategy, budget by budget."""
+    chosen = sources[["target", "source", "strategy"]]
+    rows = compute.merge(chosen, on=["target", "source", "strategy"], validate="m:1")
+    shown = pd.DataFrame(
+        {
+            "target": rows.target,
+            "source": rows.source,
+            "strategy": rows.strategy,
+            "budget": rows.budget,
+            "reached": [f"{r}/{n}" for r, n in zip(rows.seeds_reached, rows.n_seeds, strict=True)],
+            "steps: scratch / transfer": [
+                f"{s:.0f} / {'n/a' if pd.isna(t) else f'{t:.0f}'}"
+                for s, t in zip(rows.scratch_steps, rows.steps, strict=True)
+            ],
+            "seconds: scratch / transfer": [
+                f"{s:.2f} / {'n/a' if pd.isna(t) else f'{t:.2f}'}"
+                for s, t in zip(rows.scratch_seconds, rows.seconds, strict=True)
+            ],
+            "multiplier, steps": [
+                "n/a" if strategy == "linear_probe" else _multiplier(value)
+                for strategy, value in zip(rows.strategy, rows.multiplier_steps, strict=True)
+            ],
+            "multiplier, seconds": rows.multiplier_seconds.map(_multiplier),
+            "with pretraining, amortised": rows.multiplier_with_pretraining.map(_multiplier),
+            "paid off": rows.paid_off.map({True: "yes", False: "no"}),
+        }
+    )
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def compute_verdicts(compute: pd.DataFrame, params: Params) -> list[str]:
+    """A line per source: in how many cells its pretraining paid for itself in compute."""
+    lines = []
+    for source, cells in compute.groupby("source", sort=False):
+        paid = int(cells.paid_off.sum())
+        lines.append(
+            f"- `{source}`: pretraining paid for itself in compute in {paid} of {len(cells)} "
+            f"cells (target x strategy x budget), its cost shared by {len(params.targets)} "
+            "targets."
+        )
+    return lines
+
+
+def render(params: Params, targets: list[str], result: Comparison, context: Context) -> str:
     """report.md for the `targets` that finished."""
     cfg = params.finetune
+    verdicts, summary = result.verdicts, result.summary
     lines = [
-        "# Does pretraining on the source help the targets?",
+        "# Does pretraining on the sources help the targets?",
         "",
         *_header(context),
         "## Verdict",
@@ -234,6 +331,46 @@ def render(
         "`<` that scratch is already there at the smallest.",
         "",
         summary_markdown(summary),
+        "",
+        "## Which source?",
+        "",
+        "Per target and source: the AULC gain over scratch in points, its paired 95% interval",
+        "over seeds (per seed, the transfer curve's area minus scratch's on the same subsets),",
+        "the verdict, and the strategy it is for, chosen on validation AULC. In bold, the",
+        "target's best source: the one whose chosen strategy has the best validation AULC.",
+        "",
+        source_matrix_markdown(result.sources),
+        "",
+        "## Could a cheap score have picked the source?",
+        "",
+        "Transferability scores computed by `extract` from each source's frozen features on the",
+        "target's labelled training examples, at every label budget and seed (the subsets",
+        "fine-tuning draws), before any fine-tuning: LogME (You et al. 2021), H-score (Bao et",
+        "al. 2019), and LEEP (Nguyen et al. 2020) where the source trained a classifier head",
+        "(supervised). A pair's score is its mean over budgets and seeds. Kendall's tau-b",
+        "between the scores and the AULC gains above, across (source, target) pairs, with a",
+        "percentile bootstrap interval over pairs; and in how many targets the score's top",
+        "source had the largest measured gain. Scores of different targets are on different",
+        "scales, so tau across pairs mixes them: read the per-target picks beside it.",
+        "",
+        agreement_markdown(result.agreement),
+        "",
+        "![scores against gains](plots/scores_vs_gain.png)",
+        "",
+        "## Compute saved",
+        "",
+        "What transfer needs to reach scratch's best validation accuracy on the same labelled",
+        "subset: optimizer steps and seconds of the epochs until its validation accuracy first",
+        "reaches it (scratch: until its best epoch; the probe: its whole L-BFGS fit, seconds",
+        "only). Multiplier: scratch's cost / transfer's (above 1: transfer is cheaper), the",
+        "geometric mean over the seeds that reached it. With pretraining: transfer's seconds",
+        "plus the source's pretraining seconds shared by the targets. Seconds are each run's",
+        "share of its group's training time: measured, so they vary between executions. Shown:",
+        "each pair's chosen strategy; every cell is in reports/compute.csv.",
+        "",
+        *compute_verdicts(result.compute, params),
+        "",
+        compute_markdown(result.compute, result.sources),
         "",
     ]
     for target in targets:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+log = logging.getLogger(__name__)
 DEFAULT_PARAMS = Path("params.yaml")
 Strategy = Literal["scratch", "linear_probe", "finetune", "lp_ft", "partial"]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -108,7 +110,10 @@ class DatasetSpec(_Frozen):
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
-        """What this kind can hold: npz holds signals or images (the backbone decides)."""
+        """What this kind can hold: npz holds signals or images (the backbone decides); a joint
+        source holds what its members hold."""
+        if self.kind == "joint":
+            return ("signal", "text", "image")
         if self.kind in TEXT_KINDS:
             return ("text",)
         if self.kind == "npz":
@@ -135,6 +140,8 @@ class DatasetSpec(_Frozen):
 
     @model_validator(mode="after")
     def _kind_matches_fields(self) -> DatasetSpec:
+        if self.kind == "joint":  # its members are checked
+            return self
         if self.kind == "mnist1d" and self.path is not None:
             raise ValueError("'path' is only for kind npz")
         if self.kind == "mnist1d" and not all(
@@ -172,6 +179,34 @@ class DatasetSpec(_Frozen):
     @property
     def generator_args(self) -> Mnist1dArgs:
         return self.generator or Mnist1dArgs()
+
+
+Objective = Literal["supervised", "contrastive", "mlm"]
+
+
+class SourceSpec(DatasetSpec):
+    """A pretraining dataset: a dataset of any kind, or (kind joint) the union of other sources,
+    each member's classes kept apart; pretrained with its own objective or pretrain.objective."""
+
+    kind: Literal["mnist1d", "npz", "text", "fortunes", "images", "idx", "joint"]
+    # joint: the names of the sources whose union it pretrains on
+    of: list[str] | None = None
+    # supervised (its labels), contrastive (SimCLR on two augmented views: no labels needed),
+    # mlm (texts); null: pretrain.objective
+    objective: Objective | None = None
+
+    @model_validator(mode="after")
+    def _joint_fields(self) -> SourceSpec:
+        if self.kind == "joint" and (self.of is None or len(set(self.of)) < 2):
+            raise ValueError("kind joint needs 'of': two or more source names")
+        if self.kind != "joint" and self.of is not None:
+            raise ValueError("'of' is only for kind joint")
+        if self.kind == "joint" and self.classes is not None:
+            raise ValueError("kind joint keeps each member's classes: 'classes' is not for it")
+        return self
+
+    def objective_or(self, default: Objective) -> Objective:
+        return self.objective or default
 
 
 class SplitParams(_Frozen):
@@ -304,10 +339,16 @@ class TrainParams(_Frozen):
 
 
 class PretrainParams(TrainParams):
-    # supervised: on the source's labels; mlm: masked-language modelling on its texts (the
-    # BERT recipe: mask_prob of the tokens, 80% [MASK], 10% random, 10% kept), transformer only
-    objective: Literal["supervised", "mlm"] = "supervised"
+    # supervised: on the source's labels; contrastive: SimCLR's NT-Xent on two augmented views
+    # of each example (tasks/learning/contrastive.py), no labels; mlm: masked-language
+    # modelling on its texts (the BERT recipe: mask_prob of the tokens, 80% [MASK], 10% random,
+    # 10% kept), transformer only. A source may set its own (sources.<name>.objective)
+    objective: Objective = "supervised"
     mask_prob: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    # contrastive: the softmax temperature of NT-Xent (SimCLR: 0.1-0.5; TF-C uses 0.2), and
+    # the output width of the projector (a 2-layer MLP dropped after pretraining)
+    temperature: PositiveFloat = 0.2
+    projection_dim: PositiveInt = 128
     lr: PositiveFloat = 3e-3
     seed: Seed = 0
     # > 1: the stage runs itself under torchrun as this many data-parallel processes
@@ -399,7 +440,9 @@ class Params(_Frozen):
     experiment: str = "transfer-study"
     registered_model: str = "transfer-study-backbone"
     runtime: RuntimeParams = RuntimeParams()
-    source: DatasetSpec
+    # the pretraining datasets by name: each is pretrained on its own (and `joint` ones on a
+    # union), and every target is fine-tuned from each
+    sources: dict[str, SourceSpec]
     targets: dict[str, DatasetSpec]
     split: SplitParams = SplitParams()
     model: ModelParams = ModelParams()
@@ -421,11 +464,23 @@ class Params(_Frozen):
             self.finetune.check_partial(self.model.depth)
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_source(cls, doc: Any) -> Any:
+        """`source:` (one source, before `sources:`) is read as the source named `source`;
+        `load_params` warns about it."""
+        if isinstance(doc, dict) and "source" in doc:
+            if "sources" in doc:
+                raise ValueError("give sources (or the deprecated source), not both")
+            doc = {**doc, "sources": {"source": doc["source"]}}
+            del doc["source"]
+        return doc
+
     @model_validator(mode="after")
     def _one_modality(self) -> Params:
-        """Every dataset is of the backbone's modality; MLM needs texts and our transformer."""
+        """Every dataset is of the backbone's modality; each source's objective fits it."""
         wanted = self.model.modality
-        for key, spec in [("source", self.source), *self.targets_by_key.items()]:
+        for key, spec in self.datasets_by_key.items():
             if wanted not in spec.modalities:
                 held = spec.modalities[0]
                 fits = {
@@ -449,34 +504,74 @@ class Params(_Frozen):
         for section in ("pretrain", "finetune"):
             if wanted != "image" and getattr(self, section).augment:
                 raise ValueError(f"{section}.augment: only for images (model.backbone timm)")
-        if self.pretrain.objective == "mlm" and self.model.backbone != "transformer":
-            raise ValueError("pretrain.objective mlm needs model.backbone transformer")
-        if self.pretrain.objective == "mlm" and self.pretrain.processes > 1:
-            raise ValueError("pretrain.objective mlm runs in one process (pretrain.processes: 1)")
-        unlabelled = self.source.kind == "text" and self.source.label_column is None
-        if unlabelled and self.pretrain.objective == "supervised":
-            raise ValueError("source has no label_column: pretrain it with pretrain.objective mlm")
+        for name, spec in self.sources.items():
+            self._check_objective(name, spec)
         for name, spec in self.targets.items():
             if spec.kind == "text" and spec.label_column is None:
                 raise ValueError(f"targets.{name}.label_column: a target needs labels")
         return self
 
+    def _check_objective(self, name: str, spec: SourceSpec) -> None:
+        objective = spec.objective_or(self.pretrain.objective)
+        key = f"sources.{name}.objective" if spec.objective else "pretrain.objective"
+        if objective == "mlm" and self.model.backbone != "transformer":
+            raise ValueError(f"{key}: mlm needs model.backbone transformer")
+        if objective == "contrastive" and self.model.modality == "text":
+            raise ValueError(f"{key}: contrastive is for signals and images (texts: mlm)")
+        if objective != "supervised" and self.pretrain.processes > 1:
+            raise ValueError(f"{key}: {objective} runs in one process (pretrain.processes: 1)")
+        unlabelled = spec.kind == "text" and spec.label_column is None
+        if unlabelled and objective == "supervised":
+            raise ValueError(f"sources.{name} has no label_column: pretrain it with objective mlm")
+
+    @model_validator(mode="after")
+    def _source_names(self) -> Params:
+        """Sources and targets share data/prepared/: one name each. A joint source unites
+        others; texts have one source (its tokenizer makes every target's ids), and
+        off-the-shelf weights are one backbone, not one per source."""
+        both = sorted(set(self.sources) & set(self.targets))
+        if both:
+            raise ValueError(f"{both[0]!r} names a source and a target: give them other names")
+        for name, spec in self.sources.items():
+            members = [m for m in spec.of or [] if self.sources.get(m, spec).kind == "joint"]
+            unknown = [m for m in spec.of or [] if m not in self.sources]
+            if unknown or members:
+                raise ValueError(
+                    f"sources.{name}.of: {(unknown or members)[0]!r} is not a source to unite "
+                    f"(sources: {', '.join(n for n, s in self.sources.items() if s.of is None)})"
+                )
+        if self.model.modality == "text" and len(self.sources) > 1:
+            raise ValueError(
+                "sources: texts take one source (its tokenizer makes every target's token ids)"
+            )
+        if self.model.pretrained_path is not None and len(self.sources) > 1:
+            raise ValueError(
+                "sources: off-the-shelf weights (model.pretrained_path) take one source"
+            )
+        return self
+
+    @property
+    def datasets_by_key(self) -> dict[str, DatasetSpec]:
+        """Every dataset but the joint sources (their members are here), by dotted key."""
+        sources = {f"sources.{n}": s for n, s in self.sources.items() if s.kind != "joint"}
+        return sources | self.targets_by_key
+
     @property
     def targets_by_key(self) -> dict[str, DatasetSpec]:
         return {f"targets.{name}": spec for name, spec in self.targets.items()}
 
-    @field_validator("targets")
+    @field_validator("sources", "targets")
     @classmethod
-    def _target_names(cls, targets: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
-        if not targets:
-            raise ValueError("must name at least one target")
-        for name in targets:
-            if not TARGET_NAME.fullmatch(name) or name == "source":
+    def _dataset_names(cls, named: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        if not named:
+            raise ValueError("must name at least one dataset")
+        for name in named:
+            if not TARGET_NAME.fullmatch(name):
                 raise ValueError(
-                    f"target name {name!r} must start with a letter or digit, hold only "
-                    "A-Z a-z 0-9 _ -, and not be 'source'"
+                    f"name {name!r} must start with a letter or digit and hold only "
+                    "A-Z a-z 0-9 _ -"
                 )
-        return targets
+        return named
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -567,6 +662,12 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
         raise ParamsError(f"{path}: expected a mapping of params at the top level")
     for assignment in overrides:
         _apply_override(doc, assignment, path)
+    if "source" in doc and "sources" not in doc:
+        log.warning(
+            "%s: `source:` is deprecated and read as `sources: {source: ...}`; write `sources:` "
+            "(one or more named sources)",
+            path,
+        )
     try:
         params = Params.model_validate(doc)
     except ValidationError as err:
@@ -578,7 +679,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
 
 
 def _check_paths_exist(params: Params, path: Path) -> None:
-    for key, spec in {"source": params.source, **params.targets_by_key}.items():
+    for key, spec in params.datasets_by_key.items():
         if spec.kind == "fortunes":
             _check_fortunes(spec, key, path)
         elif spec.kind in FOLDER_KINDS and spec.path is not None and not spec.path.is_dir():

@@ -34,7 +34,6 @@ from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.data.npz import listed, read_npz, sorted_labels
 from tasks.data.text import read_fortunes, read_text_table
 
-SOURCE = "source"  # the pretraining dataset's name: it needs no test split of its own
 TestSource = Literal["shipped", "cut", "none"]
 
 
@@ -152,16 +151,43 @@ def build_splits(
     return BuiltDataset(splits, classes, "cut" if cut_test else "none")
 
 
-def cuts_test(name: str) -> bool:
-    """Whether dataset `name` gets a test split cut when it ships none: every target does; the
-    source does not (pretraining uses train and val only)."""
-    return name != SOURCE
+def cuts_test(key: str) -> bool:
+    """Whether the dataset of params key `key` gets a test split cut when it ships none: every
+    target does; a source does not (pretraining uses train and val only)."""
+    return key.startswith("targets.")
 
 
 def datasets(params: Params) -> dict[str, tuple[DatasetSpec, str]]:
-    """Every dataset of the study by name, with its params key (for messages)."""
-    named = {SOURCE: (params.source, SOURCE)}
+    """Every dataset read from files or a generator, by name, with its params key (for
+    messages): the sources but the joint ones (`unite` builds those), and the targets."""
+    named = {
+        name: (spec, f"sources.{name}")
+        for name, spec in params.sources.items()
+        if spec.kind != "joint"
+    }
     return named | {name: (spec, f"targets.{name}") for name, spec in params.targets.items()}
+
+
+def unite(members: dict[str, BuiltDataset], key: str) -> BuiltDataset:
+    """A joint source: the members' train and val splits end to end, in the order named, each
+    member's classes kept apart (member k's labels shifted past those before it, and named
+    `member:label`). No test split: pretraining scores none."""
+    shapes = {name: data.input_shape for name, data in members.items()}
+    if len(set(shapes.values())) > 1:
+        listed_shapes = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise DataError(f"{key}: its sources' examples differ in shape ({listed_shapes})")
+    offsets = np.cumsum([0] + [len(data.classes) for data in members.values()])
+    splits = {
+        split: Labelled(
+            np.concatenate([data.splits[split].x for data in members.values()]),
+            np.concatenate(
+                [data.splits[split].y + shift for data, shift in zip(members.values(), offsets)]
+            ),
+        )
+        for split in ("train", "val")
+    }
+    classes = [f"{name}:{label}" for name, data in members.items() for label in data.classes]
+    return BuiltDataset(splits, classes, "none")
 
 
 def image_params(params: Params) -> ImageParams | None:
@@ -178,10 +204,10 @@ def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
     image = image_params(params)
     for name, (spec, key) in datasets(params).items():
         if params.model.modality == "text":  # cheap to read: the fortunes are read, too
-            build_splits(spec, params.split, key, cut_test=cuts_test(name))
+            build_splits(spec, params.split, key, cut_test=cuts_test(key))
             shapes[name] = (params.text.max_tokens,)
         elif spec.path is not None:
-            built = build_splits(spec, params.split, key, cuts_test(name), image)
+            built = build_splits(spec, params.split, key, cuts_test(key), image)
             shapes[name] = built.input_shape
         else:
             shapes[name] = (1, spec.generator_args.final_seq_length)

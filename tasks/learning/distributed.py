@@ -49,9 +49,10 @@ def is_worker() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def launch(params: Params, layout: Layout, recorder: Recorder) -> dict[str, float]:
-    """Run the pretrain stage as `pretrain.processes` ranks on this machine and wait for them;
-    return the summary that rank 0 wrote. Stopping this process stops the ranks."""
+def launch(params: Params, source: str, layout: Layout, recorder: Recorder) -> dict[str, float]:
+    """Run the pretrain stage of `source` as `pretrain.processes` ranks on this machine and
+    wait for them; return the summary that rank 0 wrote. Stopping this process stops the
+    ranks."""
     processes = params.pretrain.processes
     _check_device(runtime.resolve_device(params.runtime.device), processes)
     handover = {"root": str(layout.root), "parent": recorder.handover()}
@@ -62,7 +63,7 @@ def launch(params: Params, layout: Layout, recorder: Recorder) -> dict[str, floa
         command = [
             *(sys.executable, "-m", "torch.distributed.run", "--standalone"),
             *(f"--nproc-per-node={processes}", "-m", "tasks.pretrain"),
-            *("--params", str(params_file)),
+            *("--params", str(params_file), "--source", source),
         ]
         env = {
             **os.environ,
@@ -77,7 +78,7 @@ def launch(params: Params, layout: Layout, recorder: Recorder) -> dict[str, floa
             f"pretraining on {processes} processes under torchrun failed (exit code {code}); "
             "the ranks' errors are printed above"
         )
-    return json.loads(layout.checkpoint_meta.read_text())
+    return json.loads(layout.checkpoint_meta(source).read_text())
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -93,12 +94,14 @@ def _wait(process: subprocess.Popen) -> int:
 
 
 def rank_command(
-    description: str, stage: Callable[[Params, Layout, Recorder], object], argv: list[str] | None
+    description: str,
+    stage: Callable[[Params, str, Layout, Recorder], object],
+    argv: list[str] | None,
 ) -> None:
     """One rank's command line, in the frame (tasks/frame.py). Rank 0 records under the
     launcher's parent and leaves it and the lock to the launcher; started by hand, it runs in
     an execution of its own. The other ranks record nothing."""
-    args = frame.parser(description).parse_args(argv)
+    args = frame.parser(description, per="source").parse_args(argv)
     rank = int(os.environ["RANK"])
     handover = os.environ.get(LAUNCH_ENV)
 
@@ -108,16 +111,16 @@ def rank_command(
                 logging.getLogger(ours).setLevel(logging.WARNING)
         params = frame.load(args)
         if rank > 0:
-            stage(params, Layout(), Recorder())
+            stage(params, args.source, Layout(), Recorder())
         elif handover is None:
             with frame.execution(params, "stage") as run:
-                stage(params, run.layout, run.recorder)
+                stage(params, args.source, run.layout, run.recorder)
         else:
             from tasks.recording.tracking import adopt
 
             launcher = json.loads(handover)
             parent = adopt(launcher["parent"])
-            stage(params, Layout(Path(launcher["root"])), parent)
+            stage(params, args.source, Layout(Path(launcher["root"])), parent)
             frame.raise_if_tracking_failed(parent)
 
     frame.command(body)

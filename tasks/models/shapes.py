@@ -6,6 +6,7 @@ take any text of the study: every dataset is encoded by one tokenizer to one len
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from tasks.config.params import TEXT_BACKBONES, ModelParams
@@ -78,13 +79,13 @@ def transfer_note(arch: dict[str, Any], target: str, shape: tuple[int, int]) -> 
     return f"targets.{target}: a fresh input layer for {mismatch}"
 
 
-def check_targets_fit(model: ModelParams, shapes: dict[str, tuple[int, int]]) -> list[str]:
-    """Before pretraining (pre-flight, and the pretrain stage): `transfer_note` for every target.
-    `shapes`: (C, L) of every dataset, "source" included."""
+def check_targets_fit(
+    model: ModelParams, shapes: dict[str, tuple[int, int]], source: str, targets: Iterable[str]
+) -> list[str]:
+    """Before pretraining (pre-flight, and the pretrain stage): `transfer_note` for every target
+    of the backbone pretrained on `source`. `shapes`: (C, L) of every dataset by name."""
     if model.modality != "signal":
         return []  # texts: one tokenizer, one length; images: one size, one channel count
-    arch = architecture(model, shapes["source"])
-    notes = [
-        transfer_note(arch, name, shape) for name, shape in shapes.items() if name != "source"
-    ]
+    arch = architecture(model, shapes[source])
+    notes = [transfer_note(arch, name, shapes[name]) for name in targets]
     return [note for note in notes if note is not None]

@@ -1,10 +1,11 @@
 """One target's fine-tuning grid as records a person can browse (MLflow's runs table):
 
     finetune <target>                       the stage
-      <target>/<strategy>/<budget>          one per strategy x label budget: the mean test
-        <target>/<strategy>/<budget>/s<seed>    accuracy over seeds, its interval, the paired gain
-                                            over scratch and the verdict; beneath it, a run per
-                                            seed with its curves, chosen hyperparameters and gain
+      <target>/<source>/<strategy>/<budget> one per source x strategy x label budget (scratch:
+        .../s<seed>                         <target>/scratch/<budget>): the mean test accuracy
+                                            over seeds, its interval, the paired gain over
+                                            scratch and the verdict; beneath it, a run per seed
+                                            with its curves, chosen hyperparameters and gain
 
 Why the middle level: it carries the numbers the comparison is made of (the same as a row of
 reports/comparison.csv), so that one filter shows a target's strategies side by side at each
@@ -30,7 +31,8 @@ from tasks.recording.recorder import LEVEL, Recorder
 if TYPE_CHECKING:
     from tasks.finetune import Cell
 
-Key = tuple[str, str, int]  # (strategy, budget, seed)
+Key = tuple[str, str, str, int]  # (source, strategy, budget, seed); scratch's source is ""
+Group = tuple[str, str, str]  # (source, strategy, budget)
 
 
 def strategy_params(strategy: str, freeze_blocks: int) -> dict[str, str]:
@@ -51,17 +53,17 @@ class GridRecords:
     def __init__(self, stage: Recorder, inputs: list[Path], freeze_blocks: int):
         self.stage, self.inputs, self.freeze_blocks = stage, inputs, freeze_blocks
         self.cells: dict[Key, Cell] = {}
-        self.budget_runs: dict[tuple[str, str], Recorder] = {}
+        self.budget_runs: dict[Group, Recorder] = {}
         self.seed_runs: dict[Key, Recorder] = {}
-        self.budget_gains: set[tuple[str, str]] = set()  # budget runs whose gain is logged
+        self.budget_gains: set[Group] = set()  # budget runs whose gain is logged
         self.seed_gains: set[Key] = set()  # ...and seed runs
 
     def add(self, cells: list[Cell]) -> None:
         """Finished cells (one group's, or every cell resumed from a progress file)."""
-        groups: dict[tuple[str, str], list[Cell]] = {}
+        groups: dict[Group, list[Cell]] = {}
         for cell in cells:
             self.cells[cell.key] = cell
-            groups.setdefault(cell.key[:2], []).append(cell)
+            groups.setdefault(cell.key[:3], []).append(cell)
         for group, members in groups.items():
             gain = self._budget_gain(group)
             run = self._record_budget(group, members, gain)
@@ -88,20 +90,20 @@ class GridRecords:
                 self.seed_gains.add(key)
 
     def _seed_gain(self, key: Key) -> float | None:
-        _, budget, seed = key
-        scratch = self.cells.get(("scratch", budget, seed))
+        _, _, budget, seed = key
+        scratch = self.cells.get(("", "scratch", budget, seed))
         if scratch is None:
             return None
         difference = self.cells[key].row["test_acc"] - scratch.row["test_acc"]
         return points(float(snap(difference)))
 
-    def _seeds(self, strategy: str, budget: str) -> list[Cell]:
-        return [c for (s, b, _), c in sorted(self.cells.items()) if (s, b) == (strategy, budget)]
+    def _seeds(self, group: Group) -> list[Cell]:
+        return [cell for key, cell in sorted(self.cells.items()) if key[:3] == group]
 
-    def _budget_gain(self, group: tuple[str, str]) -> tuple[dict, dict] | None:
+    def _budget_gain(self, group: Group) -> tuple[dict, dict] | None:
         """The paired gain over scratch across seeds, and its verdict, once scratch is in."""
-        strategy, budget = group
-        ours, scratch = self._seeds(strategy, budget), self._seeds("scratch", budget)
+        _, strategy, budget = group
+        ours, scratch = self._seeds(group), self._seeds(("", "scratch", budget))
         if len(scratch) < len(ours):
             return None
         if strategy == "scratch":
@@ -115,9 +117,9 @@ class GridRecords:
         return metrics, {"verdict": verdict(gain)}
 
     def _record_budget(
-        self, group: tuple[str, str], members: list[Cell], gain: tuple[dict, dict] | None
+        self, group: Group, members: list[Cell], gain: tuple[dict, dict] | None
     ) -> Recorder:
-        strategy, budget = group
+        source, strategy, budget = group
         first = members[0].row
         accuracy = t_interval([c.row["test_acc"] for c in members])
         metrics = {"test/acc_mean": accuracy.mean}
@@ -125,13 +127,15 @@ class GridRecords:
             metrics |= {"test/acc_ci_low": accuracy.low, "test/acc_ci_high": accuracy.high}
         metrics["val/acc_mean"] = sum(c.row["val_acc"] for c in members) / len(members)
         tags = {"target": first["target"], "strategy": strategy, LEVEL: "budget"}
+        tags |= {"source": source} if source else {}
         if gain is not None:
             metrics |= gain[0]
             tags |= gain[1]
-        params = {k: first[k] for k in ("target", "strategy", "budget", "n_labels", "per_class")}
+        keys = ("target", "source", "strategy", "budget", "n_labels", "per_class")
+        params = {k: first[k] for k in keys}
         params |= {"n_seeds": len(members)} | strategy_params(strategy, self.freeze_blocks)
         return self.stage.finished(
-            f"{first['target']}/{strategy}/{budget}",
+            "/".join([first["target"], *filter(None, [source]), strategy, budget]),
             min(c.started for c in members),
             max(c.ended for c in members),
             tags=tags,
@@ -146,10 +150,12 @@ class GridRecords:
         request, where runs of their own would cost three requests each."""
         row = cell.row
         transfer = row["strategy"] != "scratch"
-        name = f"{row['target']}/{row['strategy']}/{row['budget']}/s{row['seed']}"
+        path = [row["target"], *filter(None, [row["source"]]), row["strategy"], row["budget"]]
+        name = "/".join([*path, f"s{row['seed']}"])
         tags = {"target": row["target"], "strategy": row["strategy"], LEVEL: "seed"}
+        tags |= {"source": row["source"]} if row["source"] else {}
         tags["kind"] = "transfer" if transfer else "scratch"
-        keys = ["target", "strategy", "budget", "seed", "n_labels", "per_class"]
+        keys = ["target", "source", "strategy", "budget", "seed", "n_labels", "per_class"]
         params: dict[str, Any] = {k: row[k] for k in keys}
         params |= strategy_params(row["strategy"], self.freeze_blocks)
         # the hyperparameters it has, chosen on validation ("tuned." sorts them after the

@@ -74,7 +74,7 @@ def param_value(params: Params, key: str) -> Any:
     """The JSON value of a dotted params key; a section (or a mapping of them) as a whole."""
     value: Any = params
     for part in key.split("."):
-        value = getattr(value, part)
+        value = value[part] if isinstance(value, dict) else getattr(value, part)
     # duck-typed rather than isinstance: tests hand in a stand-in that records the reads
     if hasattr(value, "model_dump"):
         return value.model_dump(mode="json")

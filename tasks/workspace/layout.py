@@ -16,24 +16,30 @@ class Layout:
     def prepared(self, dataset: str) -> Path:
         return self.root / "data" / "prepared" / dataset
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "data" / "checkpoints" / "backbone.pt"
+    def checkpoint(self, source: str) -> Path:
+        return self.root / "data" / "checkpoints" / source / "backbone.pt"
 
-    @property
-    def pretrain_state(self) -> Path:
+    def pretrain_state(self, source: str) -> Path:
         """Pretraining's state after its last complete epoch; gone once the checkpoint is out."""
-        return self.root / "data" / "checkpoints" / "pretrain.resume.pt"
+        return self.root / "data" / "checkpoints" / source / "pretrain.resume.pt"
 
-    @property
-    def checkpoint_meta(self) -> Path:
-        return self.root / "data" / "checkpoints" / "backbone.json"
+    def checkpoint_meta(self, source: str) -> Path:
+        return self.root / "data" / "checkpoints" / source / "backbone.json"
 
-    def features(self, target: str) -> Path:
-        return self.root / "data" / "features" / target
+    def features(self, target: str, source: str) -> Path:
+        """The target's splits through the backbone pretrained on `source`."""
+        return self.root / "data" / "features" / target / source
+
+    def scores(self, target: str) -> Path:
+        """Transferability scores of every source for the target, per label budget and seed."""
+        return self.root / "data" / "features" / target / "scores.csv"
 
     def results(self, target: str) -> Path:
         return self.root / "data" / "results" / f"{target}.csv"
+
+    def curves(self, target: str) -> Path:
+        """Each result's validation curve and training cost: what the compute table reads."""
+        return self.root / "data" / "results" / f"{target}.curves.json"
 
     def finetune_progress(self, target: str) -> Path:
         """The grid cells of `target` finished so far; gone once its results file is out."""
