@@ -29,7 +29,7 @@ class Budget:
 
     @property
     def per_class_text(self) -> str:
-        """ "5", or "1-3" when classes of different sizes take different counts."""
+        """"5", or "1-3" when classes of different sizes take different counts."""
         low, high = min(self.per_class), max(self.per_class)
         return str(low) if low == high else f"{low}-{high}"
 
