@@ -209,7 +209,7 @@ class _Exploit:
 
 @pytest.mark.parametrize("damage", ["truncate", "foreign", "malicious"])
 def test_damaged_checkpoint_is_refused_by_name(workspace: Path, damage: str) -> None:
-    checkpoint = workspace / "data/checkpoints/backbone.pt"
+    checkpoint = workspace / "data/checkpoints/digits/backbone.pt"
     if damage == "truncate":
         checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     elif damage == "foreign":
@@ -228,7 +228,7 @@ def test_damaged_checkpoint_is_refused_by_name(workspace: Path, damage: str) -> 
         "foreign": "weights do not fit",
         "malicious": "refused to load",
     }[damage]
-    assert one_line_error(result).startswith("error: data/checkpoints/backbone.pt: ")
+    assert one_line_error(result).startswith("error: data/checkpoints/digits/backbone.pt: ")
     assert expected in result.stderr
     assert not (workspace / "pwned").exists()  # the pickle's code never ran
     assert digest(workspace) == before

@@ -37,14 +37,28 @@ def wait_for(path: Path, timeout: float = 60) -> None:
 # The README promises a stop within 10 s: typically 0.1 s (the work unwinds, its records end
 # KILLED), at worst 1.5 s for the work to unwind plus 2 s to end the records (tasks/frame.py).
 STOP_BOUND_S = 8
-LONG_PRETRAIN = ["--set", "pretrain.max_epochs=150", "--set", "pretrain.patience=150"]
-LONGER_PRETRAIN = ["--set", "pretrain.max_epochs=5000", "--set", "pretrain.patience=5000"]
+LONG_PRETRAIN = [
+    "--source",
+    "digits",
+    "--set",
+    "pretrain.max_epochs=150",
+    "--set",
+    "pretrain.patience=150",
+]
+LONGER_PRETRAIN = [
+    "--source",
+    "digits",
+    "--set",
+    "pretrain.max_epochs=5000",
+    "--set",
+    "pretrain.patience=5000",
+]
 
 
 def interrupt_pretraining(workspace: Path, signum: int) -> subprocess.CompletedProcess:
     """Start pretraining, let it finish an epoch or so, then send `signum`."""
     process = start([sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN], workspace)
-    wait_for(workspace / "data/checkpoints/pretrain.resume.pt")
+    wait_for(workspace / "data/checkpoints/digits/pretrain.resume.pt")
     time.sleep(0.3)
     sent = time.monotonic()
     process.send_signal(signum)
@@ -67,7 +81,7 @@ def uninterrupted(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     shutil.copytree(runs["dvc"], copy, symlinks=True)
     command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
     assert run_command(command, cwd=copy).returncode == 0
-    return (copy / "data/checkpoints/backbone.pt").read_bytes()
+    return (copy / "data/checkpoints/digits/backbone.pt").read_bytes()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL])
@@ -78,7 +92,7 @@ def test_stopped_pretraining_resumes_to_the_same_weights(
     command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
 
     process = interrupt_pretraining(workspace, signum)
-    state = workspace / "data/checkpoints/pretrain.resume.pt"
+    state = workspace / "data/checkpoints/digits/pretrain.resume.pt"
     assert state.exists()  # the last complete epoch
     if signum == signal.SIGINT:
         assert process.returncode == 130
@@ -87,20 +101,20 @@ def test_stopped_pretraining_resumes_to_the_same_weights(
         )
         killed = latest_runs(2)
         parents = [r for r in killed if "mlflow.parentRunId" not in r.data.tags]
-        assert [r.info.run_name for r in killed if r not in parents] == ["pretrain"]
+        assert [r.info.run_name for r in killed if r not in parents] == ["pretrain digits"]
         assert len(parents) == 1 and parents[0].info.run_name.endswith(" cli")
         assert {r.info.status for r in killed} == {"KILLED"}
 
     resumed = run_command(command, cwd=workspace)
     assert resumed.returncode == 0 and "resuming from the end of epoch" in resumed.stderr
     assert not state.exists()
-    assert (workspace / "data/checkpoints/backbone.pt").read_bytes() == uninterrupted
+    assert (workspace / "data/checkpoints/digits/backbone.pt").read_bytes() == uninterrupted
 
 
 def test_sigterm_stops_pretraining_and_ends_its_runs_killed(workspace: Path) -> None:
     process = interrupt_pretraining(workspace, signal.SIGTERM)
     assert process.returncode == 143
-    assert (workspace / "data/checkpoints/pretrain.resume.pt").exists()
+    assert (workspace / "data/checkpoints/digits/pretrain.resume.pt").exists()
     assert {r.info.status for r in latest_runs(2)} == {"KILLED"}
 
 
@@ -123,7 +137,7 @@ def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(
     workspace: Path, signum: int, code: int
 ) -> None:
     process = start([sys.executable, "-m", "flows.pipeline", *LONG_PRETRAIN], workspace)
-    wait_for(workspace / "data/checkpoints/pretrain.resume.pt", timeout=120)
+    wait_for(workspace / "data/checkpoints/digits/pretrain.resume.pt", timeout=120)
     sent = time.monotonic()
     process.send_signal(signum)
     process.communicate(timeout=30)
@@ -142,7 +156,7 @@ def test_flow_interrupted_stops_within_seconds_and_ends_runs_killed(
 
 def test_second_execution_on_a_busy_workspace_is_refused(workspace: Path) -> None:
     first = start([sys.executable, "-m", "flows.pipeline", *LONGER_PRETRAIN], workspace)
-    wait_for(workspace / "data/checkpoints/pretrain.resume.pt", timeout=120)
+    wait_for(workspace / "data/checkpoints/digits/pretrain.resume.pt", timeout=120)
     before = digest(workspace)
     for command in (FLOW, ["python", "-m", "tasks.compare"]):
         second = run_command(command, cwd=workspace)

@@ -44,7 +44,7 @@ def test_flow_pushes_to_the_remote_and_a_fresh_clone_pulls_identical_outputs(
     pulled = run_command(["python", "-m", "dvc", "pull"], cwd=clone)
     assert pulled.returncode == 0, pulled.stderr
     for path in (
-        "data/checkpoints/backbone.pt",
+        "data/checkpoints/digits/backbone.pt",
         "data/results/new_classes.csv",
         "data/results/shifted.csv",
         "reports/comparison.csv",
