@@ -68,7 +68,8 @@ def plain() -> None:
 
     params, layout, off = load_params("params.yaml"), Layout(), Recorder()
     prepare(params, layout, off)
-    pretrain(params, layout, off)
+    for source in params.sources:
+        pretrain(params, source, layout, off)
     # the flow's fan-out: each target extracted here, then its fine-tuning groups handed to
     # `flow.workers` threads while the next target is extracted
     with ThreadPoolExecutor(max_workers=params.flow.workers) as pool:

@@ -199,14 +199,16 @@ def train_network(
 
 
 def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
-    """The whole grid of one target the naive way; one nested MLflow run per grid cell."""
+    """The whole grid of one target the naive way, from the study's one source (see main); one
+    nested MLflow run per grid cell."""
     cfg = params.finetune
+    source = next(iter(params.sources))
     data = Naive(
         inputs={s: load_split(layout.prepared(target), s) for s in SPLITS},
-        features={s: load_split(layout.features(target), s) for s in SPLITS},
+        features={s: load_split(layout.features(target, source), s) for s in SPLITS},
         num_classes=load_meta(layout.prepared(target))["num_classes"],
-        checkpoint=load_checkpoint(layout.checkpoint),
-        checkpoint_path=layout.checkpoint,
+        checkpoint=load_checkpoint(layout.checkpoint(source)),
+        checkpoint_path=layout.checkpoint(source),
         device=configure(params.runtime),  # threads and device, as the stage sets them
     )
     rows = []
@@ -243,25 +245,26 @@ def naive_target(params: Params, target: str, layout: Layout) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def workspace(folder: Path, data: Layout, targets: list[str]) -> Layout:
-    """A layout in `folder` that reads `data`'s inputs (linked) and writes its own results."""
+def workspace(folder: Path, data: Layout, targets: list[str], source: str) -> Layout:
+    """A layout in `folder` that reads `data`'s inputs of `source` (linked) and writes its own
+    results."""
     root = folder / "workspace"
     for target in targets:
-        for source, dest in (
+        for origin, dest in (
             (data.prepared(target), Layout(root).prepared(target)),
-            (data.features(target), Layout(root).features(target)),
+            (data.features(target, source), Layout(root).features(target, source)),
         ):
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.symlink_to(source.resolve(), target_is_directory=True)
-    Layout(root).checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    Layout(root).checkpoint.symlink_to(data.checkpoint.resolve())
+            dest.symlink_to(origin.resolve(), target_is_directory=True)
+    Layout(root).checkpoint(source).parent.mkdir(parents=True, exist_ok=True)
+    Layout(root).checkpoint(source).symlink_to(data.checkpoint(source).resolve())
     Layout(root).results(targets[0]).parent.mkdir(parents=True)
     return Layout(root)
 
 
 def run_ours(params: Params, targets: list[str], data: Layout) -> tuple[float, pd.DataFrame]:
     with tempfile.TemporaryDirectory(prefix="bench-study-ours-") as folder:
-        layout = workspace(Path(folder), data, targets)
+        layout = workspace(Path(folder), data, targets, next(iter(params.sources)))
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder}/mlflow.db"
         with start_pipeline_run(params.experiment, "bench", root=layout.root) as parent:
             started = time.perf_counter()
@@ -306,12 +309,12 @@ def accuracy_lines(ours: pd.DataFrame, naive: pd.DataFrame) -> list[str]:
     return lines
 
 
-def missing_inputs(targets: list[str], layout: Layout) -> list[Path]:
+def missing_inputs(targets: list[str], source: str, layout: Layout) -> list[Path]:
     """The files both sides read (splits, their features, the checkpoint) that are not there."""
-    needed = [layout.checkpoint] + [
+    needed = [layout.checkpoint(source)] + [
         folder / f"{split}.npz"
         for t in targets
-        for folder in (layout.prepared(t), layout.features(t))
+        for folder in (layout.prepared(t), layout.features(t, source))
         for split in SPLITS
     ]
     return [path for path in needed if not path.exists()]
@@ -325,6 +328,7 @@ def main() -> None:
     parser.add_argument("--fractions", help="comma-separated; default: params'")
     parser.add_argument("--seeds", help="comma-separated; default: params'")
     parser.add_argument("--reps", type=int, default=1, help="repetitions of each side")
+    parser.add_argument("--source", help="the source fine-tuned from; default: params' first")
     args = parser.parse_args()
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its store-creation chatter
     overrides = [
@@ -337,12 +341,17 @@ def main() -> None:
         if value
     ]
     params = load_params(args.params, overrides)  # validated: e.g. scratch must be there
+    # one source: the naive side's grid is one source's (both sides fine-tune from it)
+    source = args.source or next(iter(params.sources))
+    if source not in params.sources:
+        sys.exit(f"error: unknown source {source!r}; {args.params} has {list(params.sources)}")
+    params = params.model_copy(update={"sources": {source: params.sources[source]}})
     targets = args.targets.split(",") if args.targets else list(params.targets)
     unknown = [t for t in targets if t not in params.targets]
     if unknown:
         sys.exit(f"error: unknown target(s) {unknown}; {args.params} has {list(params.targets)}")
     data = Layout()
-    missing = missing_inputs(targets, data)
+    missing = missing_inputs(targets, source, data)
     if missing:
         sys.exit(
             f"error: missing {missing[0]}: this benchmark reads the prepared data, features and "

@@ -190,7 +190,7 @@ def main() -> None:
         shape = (params.image.channels, *params.image.size)
         transform = build_augmentation(stage.augment, f"{args.stage}.augment", shape)
 
-    classes = len(params.source.classes or range(10))
+    classes = len(next(iter(params.sources.values())).classes or range(10))
     data = torch.Generator().manual_seed(0)
     if params.model.backbone == "transformer":  # texts: token ids (N, max_tokens)
         input_shape, vocab = (params.text.max_tokens,), params.text.vocab_size

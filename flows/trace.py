@@ -36,8 +36,11 @@ def stage_of(lineage: list[dict[str, str]]) -> str | None:
     first: the nearest `stage` tag (a grid run's is its stage run's, two levels up)."""
     stage = next((tags["stage"] for tags in lineage if "stage" in tags), None)
     target = next((tags["target"] for tags in lineage if "target" in tags), None)
+    source = next((tags["source"] for tags in lineage if "source" in tags), None)
     if stage in ("extract", "finetune") and target:
         return f"{stage}@{target}"
+    if stage == "pretrain" and source:
+        return f"{stage}@{source}"
     return stage
 
 

@@ -280,7 +280,8 @@ def _write(
             "pretrain": params.pretrain.model_dump(mode="json") | {"objective": objective},
         },
         source_meta=meta,
-        metrics=summary,
+        # its scores; not its seconds (measured): the same training writes the same file
+        metrics={key: value for key, value in summary.items() if key != "seconds"},
         # what turns texts into the ids it reads, so that the checkpoint is all one needs
         **({"tokenizer": tokenizer.read_text()} if "tokens" in meta else {}),
     )

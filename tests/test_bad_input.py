@@ -306,7 +306,9 @@ def test_tracking_server_dying_mid_run_loses_no_result(workspace: Path, tmp_path
     assert one_line_error(result).startswith(f"error: MLflow tracking at {uri} failed during")
     assert "the result files were written" in result.stderr
     rows = (workspace / "data/results/shifted.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 5 * 2 * 2  # header + strategies x budgets x seeds
+    assert (
+        len(rows) == 1 + (1 + 4 * 2) * 2 * 2
+    )  # header + (scratch + 4 x 2 sources) x budgets x seeds
 
 
 def mount_tmpfs(path: Path, options: str) -> None:

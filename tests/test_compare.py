@@ -36,7 +36,13 @@ def results() -> pd.DataFrame:
     frame = pd.DataFrame(
         rows, columns=["target", "strategy", "budget", "seed", "n_labels", "test_acc", "val_acc"]
     )
-    return frame.assign(per_class=(frame.n_labels // 2).astype(str), val_loss=1 - frame.val_acc)
+    frame = frame.assign(per_class=(frame.n_labels // 2).astype(str), val_loss=1 - frame.val_acc)
+    return with_source(frame)
+
+
+def with_source(frame: pd.DataFrame) -> pd.DataFrame:
+    """Results of one source, `src` (scratch's source is empty, as `finetune` writes it)."""
+    return frame.assign(source=frame.strategy.map(lambda s: "" if s == "scratch" else "src"))
 
 
 def cell(table: pd.DataFrame, strategy: str, budget: str) -> pd.Series:
@@ -80,7 +86,9 @@ def test_effective_data_multiplier_on_the_scratch_curve() -> None:
 def test_required_columns_come_first() -> None:
     required = [
         "target",
+        "source",
         "strategy",
+        "arm",
         "budget",
         "n_labels",
         "per_class",
@@ -166,7 +174,7 @@ def test_the_data_multiplier_agrees_with_the_gain_on_a_non_monotone_scratch_curv
         rows, columns=["target", "strategy", "budget", "seed", "n_labels", "test_acc"]
     )
     frame = frame.assign(val_acc=frame.test_acc, val_loss=0.5, per_class="1")
-    table = summarise(frame)
+    table = summarise(with_source(frame))
     probe = table[table.strategy == "linear_probe"].set_index("budget")
     # at "c" the probe beats scratch by 5 points, though scratch scored more at "b": the
     # multiplier must say scratch needs more labels than the probe, never fewer

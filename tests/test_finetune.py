@@ -50,6 +50,7 @@ def data(tmp_path_factory) -> TargetData:
         }
     return TargetData(
         name="waves",
+        source="src",
         inputs=inputs,
         features=features,
         num_classes=3,

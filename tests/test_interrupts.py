@@ -38,16 +38,12 @@ def wait_for(path: Path, timeout: float = 60) -> None:
 # KILLED), at worst 1.5 s for the work to unwind plus 2 s to end the records (tasks/frame.py).
 STOP_BOUND_S = 8
 LONG_PRETRAIN = [
-    "--source",
-    "digits",
     "--set",
     "pretrain.max_epochs=150",
     "--set",
     "pretrain.patience=150",
 ]
 LONGER_PRETRAIN = [
-    "--source",
-    "digits",
     "--set",
     "pretrain.max_epochs=5000",
     "--set",
@@ -57,7 +53,9 @@ LONGER_PRETRAIN = [
 
 def interrupt_pretraining(workspace: Path, signum: int) -> subprocess.CompletedProcess:
     """Start pretraining, let it finish an epoch or so, then send `signum`."""
-    process = start([sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN], workspace)
+    process = start(
+        [sys.executable, "-m", "tasks.pretrain", "--source", "digits", *LONG_PRETRAIN], workspace
+    )
     wait_for(workspace / "data/checkpoints/digits/pretrain.resume.pt")
     time.sleep(0.3)
     sent = time.monotonic()
@@ -79,7 +77,7 @@ def uninterrupted(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
     of the shared workspace; computed once for every way of stopping it)."""
     copy = tmp_path_factory.mktemp("uninterrupted") / "ws"
     shutil.copytree(runs["dvc"], copy, symlinks=True)
-    command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
+    command = [sys.executable, "-m", "tasks.pretrain", "--source", "digits", *LONG_PRETRAIN]
     assert run_command(command, cwd=copy).returncode == 0
     return (copy / "data/checkpoints/digits/backbone.pt").read_bytes()
 
@@ -89,7 +87,7 @@ def test_stopped_pretraining_resumes_to_the_same_weights(
     workspace: Path, uninterrupted: bytes, signum: int
 ) -> None:
     """Ctrl-C, or kill -9 (no cleanup at all), then the same command again."""
-    command = [sys.executable, "-m", "tasks.pretrain", *LONG_PRETRAIN]
+    command = [sys.executable, "-m", "tasks.pretrain", "--source", "digits", *LONG_PRETRAIN]
 
     process = interrupt_pretraining(workspace, signum)
     state = workspace / "data/checkpoints/digits/pretrain.resume.pt"

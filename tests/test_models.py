@@ -143,10 +143,15 @@ def test_a_shape_the_input_layer_cannot_take_gets_a_fresh_one_and_keeps_the_rest
 
 
 def test_before_pretraining_a_target_that_would_keep_nothing_pretrained_is_refused() -> None:
-    shapes = {"source": (1, 40), "longer": (1, 427), "six": (6, 100)}
-    notes = check_targets_fit(ModelParams(backbone="cnn1d"), shapes)
+    shapes = {"src": (1, 40), "wide": (6, 40), "longer": (1, 427), "six": (6, 100)}
+    targets = ["longer", "six"]
+    notes = check_targets_fit(ModelParams(backbone="cnn1d"), shapes, "src", targets)
     assert notes == ["targets.six: a fresh input layer for in_channels 6 (pretrained on 1)"]
-    notes = check_targets_fit(ModelParams(backbone="mlp", hidden=[16, 16]), shapes)
+    # each source's backbone is checked against the targets: another source, another answer
+    assert check_targets_fit(ModelParams(backbone="cnn1d"), shapes, "wide", targets) == [
+        "targets.longer: a fresh input layer for in_channels 1 (pretrained on 6)"
+    ]
+    notes = check_targets_fit(ModelParams(backbone="mlp", hidden=[16, 16]), shapes, "src", targets)
     assert [note.split(":")[0] for note in notes] == ["targets.longer", "targets.six"]
     with pytest.raises(DataError, match=r"targets.longer: the mlp backbone's only layer .* 427"):
-        check_targets_fit(ModelParams(backbone="mlp", hidden=[16]), shapes)
+        check_targets_fit(ModelParams(backbone="mlp", hidden=[16]), shapes, "src", targets)

@@ -37,8 +37,9 @@ def test_shipped_params_files_are_valid() -> None:
     assert set(default.targets) >= {"new_classes", "shifted"}
     assert len(default.finetune.fractions) >= 2 and len(default.finetune.seeds) >= 2
     assert set(default.finetune.strategies) == set(STRATEGIES)  # all five
-    assert len(default.finetune.fractions) >= 5 and len(default.finetune.seeds) >= 3
-    assert default.source.generator.num_samples >= 20000
+    assert len(default.finetune.fractions) >= 4 and len(default.finetune.seeds) >= 3
+    assert len(default.sources) >= 2  # the source x target matrix: the choice matters
+    assert all(s.generator.num_samples >= 10000 for s in default.sources.values())
     # the same schema at both sizes: every section and finetune knob is set explicitly in each
     # (and every key a stage declares in dvc.yaml is there, or `dvc repro` refuses to run)
     sections = set(type(default).model_fields)
@@ -48,7 +49,8 @@ def test_shipped_params_files_are_valid() -> None:
     assert text.model_fields_set == text_tiny.model_fields_set == sections
     assert text.finetune.model_fields_set == text_tiny.finetune.model_fields_set
     assert set(text.finetune.strategies) == set(STRATEGIES)
-    assert {text.source.kind, *(t.kind for t in text.targets.values())} == {"fortunes"}
+    text_kinds = {s.kind for s in text.sources.values()} | {t.kind for t in text.targets.values()}
+    assert text_kinds == {"fortunes"}
 
 
 def test_params_are_frozen(tiny_params) -> None:
@@ -85,7 +87,7 @@ def test_params_are_frozen(tiny_params) -> None:
             lambda d: d["finetune"].update(fractions=[0.0]),
             "finetune.fractions.0: Input should be greater than 0",
         ),
-        (lambda d: d.update(targets={}), "targets: Value error, must name at least one target"),
+        (lambda d: d.update(targets={}), "targets: Value error, must name at least one dataset"),
         (
             lambda d: d["finetune"].update(strategies=["scratch", "magic"]),
             "finetune.strategies.1: Input should be 'scratch'",
@@ -95,8 +97,9 @@ def test_params_are_frozen(tiny_params) -> None:
             "finetune.strategies: Value error, must include 'scratch'",
         ),
         (
-            lambda d: d["source"].update(kind="parquet"),
-            "source.kind: Input should be 'mnist1d', 'npz', 'text', 'fortunes', 'images' or 'idx'",
+            lambda d: d["sources"]["digits"].update(kind="parquet"),
+            "sources.digits.kind: Input should be 'mnist1d', 'npz', 'text', 'fortunes', 'images', "
+            "'idx' or 'joint'",
         ),
         (
             lambda d: d["model"].update(backbone="resnet"),
@@ -106,7 +109,7 @@ def test_params_are_frozen(tiny_params) -> None:
             lambda d: d["targets"]["shifted"].update(classes=[]),
             "targets.shifted.classes: Value error, must name at least one class",
         ),
-        (lambda d: d.pop("source"), "source: required key is missing"),
+        (lambda d: d.pop("sources"), "sources: required key is missing"),
         (
             lambda d: d["split"].update(val=0.5, test=0.5),
             "split: Value error, val + test must be below 1",
@@ -126,11 +129,11 @@ def test_bad_params_name_the_key_and_file(tmp_path: Path, edit, expected: str) -
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("name", ["-x", "a b", "ünï", "source", "a.b"])
+@pytest.mark.parametrize("name", ["-x", "a b", "ünï", "a.b"])
 def test_unsafe_target_names_are_refused(tmp_path: Path, name: str) -> None:
     spec = {"kind": "mnist1d"}
     path = mutated(tmp_path, lambda d: d.update(targets={name: spec}))
-    with pytest.raises(ParamsError, match=r"targets: Value error, target name"):
+    with pytest.raises(ParamsError, match=r"targets: Value error, name .* must start with"):
         load_params(path)
 
 

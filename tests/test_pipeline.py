@@ -78,11 +78,14 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
     for target in targets:
         results = read_results(workspace / "data/results" / f"{target}.csv")
         stage_id = children[f"finetune {target}"].info.run_id
-        # a run per strategy x budget, carrying the comparison's numbers, seeds beneath it
+        # a run per source x strategy x budget (scratch: one per budget), carrying the
+        # comparison's numbers, seeds beneath it
         below = {r.info.run_name: r for r in all_runs if r.data.tags.get(PARENT) == stage_id}
-        assert len(below) == len(cfg.strategies) * budgets
+        arms = 1 + (len(cfg.strategies) - 1) * len(params.sources)
+        assert len(below) == arms * budgets
         for row in comparison[comparison.target == target].itertuples():
-            run = below[f"{target}/{row.strategy}/{row.budget}"]
+            path = [target, *filter(None, [row.source]), row.strategy, row.budget]
+            run = below["/".join(path)]
             assert run.data.tags["level"] == "budget"
             assert run.data.metrics["test/acc_mean"] == pytest.approx(row.test_acc_mean, rel=1e-6)
             assert run.data.metrics["gain_pts"] == pytest.approx(row.gain_pts, abs=1e-4)
@@ -103,10 +106,10 @@ def test_mlflow_holds_one_parent_with_nested_stage_and_finetune_runs(runs, orche
                 # the gain against scratch on the same seed and subset, in points (scratch: 0)
                 seed = int(seed_run.data.params["seed"])
                 mine, scratch = (
-                    results.set_index(["strategy", "budget", "seed"]).test_acc[
-                        (s, row.budget, seed)
+                    results.set_index(["source", "strategy", "budget", "seed"]).test_acc[
+                        (source, s, row.budget, seed)
                     ]
-                    for s in (row.strategy, "scratch")
+                    for source, s in ((row.source, row.strategy), ("", "scratch"))
                 )
                 assert seed_run.data.metrics["test/acc"] == pytest.approx(mine, rel=1e-6)
                 gain = seed_run.data.metrics["gain_pts"]
@@ -263,7 +266,7 @@ def test_dvc_decides_what_the_flow_reruns(runs, tmp_path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert (
         "stages run: prepare, extract@shifted, finetune@shifted, compare; "
-        "up to date: pretrain, extract@new_classes, finetune@new_classes"
+        "up to date: pretrain@digits, pretrain@views, extract@new_classes, finetune@new_classes"
     ) in result.stderr
     after = digest(workspace)
     unchanged = [p for p in before if "new_classes" in p or p.startswith("data/checkpoints")]
@@ -299,7 +302,8 @@ def test_dask_local_cluster_gives_the_thread_runners_results(runs, tmp_path: Pat
     )
     cfg = params.finetune
     budgets = len(cfg.fractions) + len(cfg.shots)
-    grid = len(params.targets) * len(cfg.strategies) * budgets * len(cfg.seeds)
+    arms = 1 + (len(cfg.strategies) - 1) * len(params.sources)  # scratch once per target
+    grid = len(params.targets) * arms * budgets * len(cfg.seeds)
     assert len(cells) == grid and set(cells.values()) == {1}
 
     status = run_command(["python", "-m", "dvc", "status"], cwd=workspace)

@@ -58,7 +58,7 @@ def test_a_per_target_stage_needs_its_target() -> None:
 
 
 def test_dvc_yaml_is_parsed_once() -> None:
-    contracts.stage_deps("pretrain")
+    contracts.stage_deps("compare")
     before = contracts._stages.cache_info()
     for target in ("parsed_once_a", "parsed_once_b"):  # new to the per-stage cache too
         assert contracts.stage_deps("finetune", target).data[0] == f"data/prepared/{target}"
@@ -88,9 +88,12 @@ def workspace_with_inputs(root: Path, stage: str, target: str | None = None) -> 
         ("finetune", "shifted", "flow.workers", 7, False),  # Prefect only
         ("finetune", "shifted", "experiment", "elsewhere", False),  # MLflow only
         ("finetune", "shifted", "pretrain.lr", 0.5, False),  # reaches it through the checkpoint
-        ("pretrain", None, "runtime.compile", True, True),
-        ("pretrain", None, "model.hidden", [7], True),
-        ("pretrain", None, "finetune.lrs", [0.01], False),
+        ("pretrain", "digits", "runtime.compile", True, True),
+        ("pretrain", "digits", "model.hidden", [7], True),
+        ("pretrain", "digits", "finetune.lrs", [0.01], False),
+        ("pretrain", "digits", "sources.digits.generator.seed", 9, True),  # its own entry
+        ("pretrain", "digits", "sources.views.generator.seed", 9, False),  # another's
+        ("extract", "shifted", "finetune.seeds", [5], True),  # the scores' label subsets
         ("extract", "shifted", "extract.batch_size", 3, True),
         ("prepare", None, "targets.shifted.generator.seed", 9, True),  # a whole section
     ],

@@ -279,7 +279,7 @@ def off_the_shelf(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     )
     layout = Layout(tmp_path_factory.mktemp("ws"))
     prepare(params, layout, Recorder())
-    pretrain(params, layout, Recorder())
+    pretrain(params, "source", layout, Recorder())
     extract(params, "near", layout, Recorder())
     return params, layout
 
@@ -295,7 +295,7 @@ def test_off_the_shelf_pretrain_records_the_weights_it_took(off_the_shelf, minil
         "path": str(params.model.pretrained_path),
         "sha256": pretrained.MINILM_SHA256,
     }
-    payload = load_checkpoint(layout.checkpoint)
+    payload = load_checkpoint(layout.checkpoint("source"))
     assert payload["arch"]["name"] == "pretrained"
     assert payload["arch"]["config"]["num_hidden_layers"] == 6
     # the encoder's own tokenizer, set to cut and pad to max_tokens as `prepare` encoded
@@ -314,7 +314,7 @@ def test_off_the_shelf_features_are_minilm_mean_pooled(off_the_shelf, minilm) ->
     _, layout = off_the_shelf
     _, encoder = minilm
     ids = load_split(layout.prepared("near"), "val").x  # (N, max_tokens) from MiniLM's tokenizer
-    features = load_split(layout.features("near"), "val").x  # (N, 384)
+    features = load_split(layout.features("near", "source"), "val").x  # (N, 384)
     with torch.no_grad():
         expected = encoder(torch.from_numpy(ids[:8])).numpy()
     assert features.shape == (len(ids), 384)
@@ -332,13 +332,15 @@ def test_off_the_shelf_pretrain_refuses_weights_changed_since_prepare(off_the_sh
     params, layout = off_the_shelf
     meta_path = layout.prepared("source") / "meta.json"
     meta = load_meta(layout.prepared("source"))
-    before = layout.checkpoint.read_bytes()
+    before = layout.checkpoint("source").read_bytes()
     files.write_json(meta_path, {**meta, "pretrained": {**meta["pretrained"], "sha256": "0" * 64}})
     try:
         with pytest.raises(CheckpointError, match="changed since `prepare`") as err:
-            pretrain(params, layout, Recorder())
+            pretrain(params, "source", layout, Recorder())
         assert "\n" not in str(err.value) and str(params.model.pretrained_path) in str(err.value)
-        assert layout.checkpoint.read_bytes() == before  # the earlier checkpoint is intact
+        assert (
+            layout.checkpoint("source").read_bytes() == before
+        )  # the earlier checkpoint is intact
     finally:
         files.write_json(meta_path, meta)
 
@@ -393,9 +395,9 @@ def test_pretrain_refuses_texts_tokenised_for_another_encoder(
         ],
     )
     with pytest.raises(CheckpointError, match="run prepare again") as err:
-        pretrain(swapped, layout, Recorder())
+        pretrain(swapped, "source", layout, Recorder())
     assert "our own" in str(err.value) and "\n" not in str(err.value)
-    assert not layout.checkpoint.exists()
+    assert not layout.checkpoint("source").exists()
 
 
 def test_more_tokens_than_the_encoder_has_positions_is_refused(tmp_path: Path) -> None:

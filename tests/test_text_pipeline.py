@@ -85,7 +85,7 @@ def test_checkpoint_carries_its_tokenizer(text_runs) -> None:
     """The registered backbone is all one needs: the ids it reads come from the tokenizer in it."""
     from tokenizers import Tokenizer
 
-    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "backbone.pt")
+    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "source" / "backbone.pt")
     assert payload["arch"]["name"] == "transformer"
     tokenizer = Tokenizer.from_str(payload["tokenizer"])
     assert tokenizer.get_vocab_size() == payload["arch"]["vocab_size"]
@@ -103,12 +103,12 @@ def test_mlm_beats_the_unigram_guess(tmp_path: Path) -> None:
 
     overrides = [
         *("pretrain.objective=mlm", "pretrain.max_epochs=30", "pretrain.patience=30"),
-        *("source.max_per_class=120", "model.width=32", "model.ff_width=64"),
+        *("sources.source.max_per_class=120", "model.width=32", "model.ff_width=64"),
     ]
     params = load_params(TEXT_TINY, overrides)
     layout = Layout(tmp_path / "ws")
     prepare(params, layout, Recorder())
-    summary = pretrain(params, layout, Recorder())
+    summary = pretrain(params, "source", layout, Recorder())
     assert summary["val_acc"] > 1.5 * summary["val_unigram_acc"] > 0, summary
 
 
@@ -177,7 +177,7 @@ def test_a_table_without_its_text_column_is_refused_in_one_line(tmp_path: Path) 
 
 def test_scratch_and_transfer_share_the_architecture(text_runs) -> None:
     """scratch is the same network, randomly initialised: same parameter names and shapes."""
-    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "backbone.pt")
+    payload = load_checkpoint(text_runs["dvc"] / "data" / "checkpoints" / "source" / "backbone.pt")
     scratch = build_classifier(payload["arch"], num_classes=3, seed=0)
     shapes = {k: v.shape for k, v in payload["state_dict"].items() if k.startswith("backbone.")}
     assert shapes == {
@@ -305,12 +305,12 @@ def test_an_unlabelled_table_is_a_source_for_mlm(tmp_path: Path) -> None:
     words = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away"]
     rows = [{"text": " ".join(words[i % 7 : i % 7 + 6])} for i in range(80)]
     pd.DataFrame(rows).to_json(corpus, orient="records", lines=True)
-    source = f"source={{kind: text, path: {corpus}, label_column: null}}"
-    with pytest.raises(ParamsError, match=r"pretrain\.objective mlm"):
+    source = f"sources.source={{kind: text, path: {corpus}, label_column: null}}"
+    with pytest.raises(ParamsError, match=r"sources\.source has no label_column: .* mlm"):
         load_params(TEXT_TINY, [source])
     params = load_params(TEXT_TINY, [source, "pretrain.objective=mlm"])
     layout = Layout(tmp_path / "ws")
     prepare(params, layout, Recorder())
-    summary = pretrain(params, layout, Recorder())
+    summary = pretrain(params, "source", layout, Recorder())
     assert 0 < summary["val_unigram_acc"] < 1 and 0 <= summary["val_acc"] <= 1
-    assert load_checkpoint(layout.checkpoint)["arch"]["name"] == "transformer"
+    assert load_checkpoint(layout.checkpoint("source"))["arch"]["name"] == "transformer"

@@ -44,7 +44,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow
 ROLE, PASSWORD, DATABASE = "mlflow", "test-only", "mlflow"  # a throwaway cluster's login
-STAGES = ("prepare", "pretrain", "compare")
+STAGES = ("prepare", "pretrain digits", "pretrain views", "compare")
 
 
 def postgres_bin() -> Path | None:
@@ -242,9 +242,11 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
         r.info.run_name: r for r in runs if r.data.tags.get(PARENT_TAG) == parent.info.run_id
     }
     targets = list(params.targets)
+    sources = list(params.sources)
     assert set(stages) == {
         *STAGES,
-        *(f"{kind} {t}" for t in targets for kind in ("extract", "finetune")),
+        *(f"extract {t} {s}" for t in targets for s in sources),
+        *(f"finetune {t}" for t in targets),
     }
     # the parent (and the experiment, found or created with it) came before any stage
     assert parent.info.start_time <= min(r.info.start_time for r in runs)
@@ -254,6 +256,7 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
     found = Counter(
         (
             r.data.params["target"],
+            r.data.params.get("source", ""),
             r.data.params["strategy"],
             r.data.params["budget"],
             int(r.data.params["seed"]),
@@ -261,13 +264,19 @@ def test_one_parent_with_every_stage_and_grid_cell_exactly_once(pipeline: dict[s
         for r in cells
     )
     budgets = [fraction_name(f) for f in cfg.fractions] + [shots_name(k) for k in cfg.shots]
-    expected = Counter(product(targets, cfg.strategies, budgets, cfg.seeds))
+    # scratch once per target (no source), every transfer strategy per source
+    transfer = [s for s in cfg.strategies if s != "scratch"]
+    arms = [("", "scratch"), *product(sources, transfer)]
+    expected = Counter(
+        (target, *arm, budget, seed)
+        for target, arm, budget, seed in product(targets, arms, budgets, cfg.seeds)
+    )
     assert found == expected, (
         f"duplicated: {sorted((found - expected).elements())}, "
         f"missing: {sorted((expected - found).elements())}\n{log}"
     )
     budget_runs = {r.info.run_id: r for r in runs if r.data.tags.get("level") == "budget"}
-    assert len(budget_runs) == len(targets) * len(cfg.strategies) * len(budgets)
+    assert len(budget_runs) == len(targets) * len(arms) * len(budgets)
     # nothing else, nothing orphaned
     assert len(runs) == 1 + len(stages) + len(budget_runs) + len(cells)
     for budget_run in budget_runs.values():
@@ -291,12 +300,12 @@ def test_metrics_on_the_server_match_the_result_files(pipeline: dict[str, Any]) 
         read_results(workspace / "data" / "results" / f"{t}.csv")
         for t in pipeline["params"].targets
     )
-    by_cell = {(r.target, r.strategy, r.budget, r.seed): r for r in results.itertuples()}
+    by_cell = {(r.target, r.source, r.strategy, r.budget, r.seed): r for r in results.itertuples()}
     cells = [r for r in pipeline["runs"] if "kind" in r.data.tags]
     assert len(cells) == len(by_cell)
     for cell in cells:
         p = cell.data.params
-        row = by_cell[p["target"], p["strategy"], p["budget"], int(p["seed"])]
+        row = by_cell[p["target"], p.get("source", ""), p["strategy"], p["budget"], int(p["seed"])]
         # recorded to 7 significant digits
         assert cell.data.metrics["test/acc"] == pytest.approx(row.test_acc, rel=1e-6), (
             cell.info.run_name
@@ -307,8 +316,10 @@ def test_metrics_on_the_server_match_the_result_files(pipeline: dict[str, Any]) 
         # one value per epoch trained, in order
         history = client.get_metric_history(cell.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(row.epochs_run)), cell.info.run_name
-    pretrain = next(r for r in pipeline["runs"] if r.info.run_name == "pretrain")
-    summary = json.loads((workspace / "data" / "checkpoints" / "backbone.json").read_text())
+    pretrain = next(r for r in pipeline["runs"] if r.info.run_name == "pretrain digits")
+    summary = json.loads(
+        (workspace / "data" / "checkpoints" / "digits" / "backbone.json").read_text()
+    )
     history = client.get_metric_history(pretrain.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(summary["epochs_run"]))
     assert pretrain.data.metrics["best/val_acc"] == pytest.approx(summary["val_acc"], rel=1e-6)
@@ -330,11 +341,12 @@ def test_artifacts_and_the_registered_backbone_go_through_the_server(
     stored = [p for p in artifacts.rglob("report.md") if parent.info.run_id in p.parts]
     assert len(stored) == 1 and stored[0].read_bytes() == report
 
-    pretrain = next(r for r in runs if r.info.run_name == "pretrain")
-    version, model, files = registered_backbone(client, pipeline["params"].registered_model)
+    pretrain = next(r for r in runs if r.info.run_name == "pretrain digits")
+    registered = f"{pipeline['params'].registered_model}-digits"
+    version, model, files = registered_backbone(client, registered)
     assert "MLmodel" in files and model.source_run_id == pretrain.info.run_id
     assert version.run_id == pretrain.info.run_id
-    checkpoint = "dvc.md5.data/checkpoints/backbone.pt"  # the lineage tag of what it registered
+    checkpoint = "dvc.md5.data/checkpoints/digits/backbone.pt"  # the lineage tag it registered
     assert version.tags[checkpoint] == pretrain.data.tags[checkpoint]
 
 

@@ -404,10 +404,16 @@ def test_mlflow_filter_puts_transfer_beside_scratch(team: Team, study: Study, pa
     page.goto(_runs_page(team, study, searchFilter=budget_filter, **sorted_by_name))
     cell = re.search(r"tags.target = '(\w+)' and params.budget = '([^']+)'", budget_filter)
     target, budget = cell.groups()
-    strategies = load_params(study.workspace / "params.yaml").finetune.strategies
-    expect(page.get_by_text(f"{2 * len(strategies)} matching runs")).to_be_visible()
-    for strategy in strategies:
-        expect(page.get_by_text(f"{target}/{strategy}/{budget}", exact=True).first).to_be_visible()
+    params = load_params(study.workspace / "params.yaml")
+    arms = ["scratch"] + [
+        f"{source}/{strategy}"
+        for source in params.sources
+        for strategy in params.finetune.strategies
+        if strategy != "scratch"
+    ]
+    expect(page.get_by_text(f"{2 * len(arms)} matching runs")).to_be_visible()
+    for arm in arms:
+        expect(page.get_by_text(f"{target}/{arm}/{budget}", exact=True).first).to_be_visible()
 
 
 def test_mlflow_compare_view_plots_accuracy_by_strategy(
@@ -424,8 +430,10 @@ def test_mlflow_compare_view_plots_accuracy_by_strategy(
         [study.experiment_id],
         f"{_readme_filters()['seed']} and tags.`prefect.flow_run_id` = '{newest}'",
     )
-    strategies = load_params(study.workspace / "params.yaml").finetune.strategies
-    assert sorted(r.data.tags["strategy"] for r in runs) == sorted(strategies)
+    params = load_params(study.workspace / "params.yaml")
+    strategies = params.finetune.strategies  # scratch once, the others once per source
+    expected = ["scratch"] + [s for s in strategies if s != "scratch"] * len(params.sources)
+    assert sorted(r.data.tags["strategy"] for r in runs) == sorted(expected)
     scratch = next(r for r in runs if r.data.tags["strategy"] == "scratch")
     assert scratch.data.metrics["gain_pts"] == 0
     query = urllib.parse.urlencode(
@@ -454,9 +462,10 @@ def test_mlflow_shows_the_html_report_with_its_figures(
     report = page.frame_locator("iframe.mlflow-html-iframe")
     expect(report.get_by_role("heading", name="Verdict")).to_be_visible()
     figures = report.locator("img")
-    expect(figures).to_have_count(3 * 2)  # curves, gains and features per target
+    # curves, gains and features per target, and the scores against the gains
+    expect(figures).to_have_count(3 * 2 + 1)
     loaded = figures.evaluate_all("images => images.map(i => i.complete && i.naturalWidth > 0)")
-    assert loaded == [True] * 6
+    assert loaded == [True] * 7
 
 
 # --- Prefect -------------------------------------------------------------------------------------
@@ -486,7 +495,8 @@ def test_prefect_ui_shows_the_flow_run_its_tasks_and_verdicts(
     # the flow run is named for the params file and overrides it ran
     expect(page.get_by_text(f"params.yaml --set {OTHER_SPLIT}").first).to_be_visible()
     page.get_by_role("tablist").get_by_text("Task Runs", exact=True).click()
-    for name in ("prepare", "pretrain", "extract/new_classes", "extract/shifted", "compare"):
+    tasks = ("prepare", "pretrain/digits", "pretrain/views", "extract/new_classes", "compare")
+    for name in tasks:
         link = page.locator("a[href*='/runs/task-run/']", has_text=re.compile(f"^{name}$"))
         expect(link.first).to_be_visible()
     [artifact] = _prefect_api(
@@ -519,11 +529,11 @@ def test_dvc_plots_show_in_a_fresh_clone_draws_the_workspaces_results(tmp_path: 
     output, which DVC lists through the lock's hash and the cache.)"""
     workspace = make_workspace(tmp_path / "ws", extra=("dvc.lock",))
     rows = [
-        f"mine,{strategy},{n},0.{n},0.{n - 1},0.{n + 1},{gain},{gain - 5},{gain + 5}"
+        f"mine,{strategy},{strategy},{n},0.{n},0.{n - 1},0.{n + 1},{gain},{gain - 5},{gain + 5}"
         for strategy, gain in [("scratch", 0), ("finetune", 12)]
         for n in (20, 40)
     ]
-    header = "target,strategy,n_labels,test_acc_mean,test_acc_ci_low,test_acc_ci_high,"
+    header = "target,strategy,arm,n_labels,test_acc_mean,test_acc_ci_low,test_acc_ci_high,"
     header += "gain_pts,gain_pts_ci_low,gain_pts_ci_high"
     (workspace / "reports").mkdir()
     (workspace / "reports/comparison.csv").write_text("\n".join([header, *rows]) + "\n")
