@@ -419,6 +419,7 @@ def test_every_declared_params_key_is_read(stage: str, reads) -> None:
 SHIPPED_PARAMS = [
     "params.yaml",
     "params.quick.yaml",
+    "params.sources.yaml",
     "params.text.yaml",
     "params.text.minilm.yaml",
     "tests/params.tiny.yaml",

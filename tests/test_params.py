@@ -36,10 +36,14 @@ def test_shipped_params_files_are_valid() -> None:
     tiny = load_params(TINY)
     assert set(default.targets) >= {"new_classes", "shifted"}
     assert len(default.finetune.fractions) >= 2 and len(default.finetune.seeds) >= 2
-    assert set(default.finetune.strategies) == set(STRATEGIES)  # all five
-    assert len(default.finetune.fractions) >= 4 and len(default.finetune.seeds) >= 3
+    assert len(default.finetune.strategies) >= 4 and len(default.finetune.seeds) >= 3
+    assert len(default.finetune.fractions) >= 3
     assert len(default.sources) >= 2  # the source x target matrix: the choice matters
     assert all(s.generator.num_samples >= 10000 for s in default.sources.values())
+    bigger = load_params(REPO / "params.sources.yaml")  # the bigger study: every strategy
+    assert set(bigger.finetune.strategies) == set(STRATEGIES)
+    assert {s.kind for s in bigger.sources.values()} == {"mnist1d", "joint"}
+    assert "contrastive" in {s.objective for s in bigger.sources.values()}
     # the same schema at both sizes: every section and finetune knob is set explicitly in each
     # (and every key a stage declares in dvc.yaml is there, or `dvc repro` refuses to run)
     sections = set(type(default).model_fields)
