@@ -70,6 +70,16 @@ def read_results(path: Path) -> pd.DataFrame:
     )
 
 
+def read_scores(path: Path) -> pd.DataFrame:
+    """A target's transferability scores as `extract` wrote them; names stay strings."""
+    return pd.read_csv(
+        path,
+        dtype={"source": str, "budget": str},
+        keep_default_na=False,
+        na_values={score: [""] for score in choice.SCORES},
+    )
+
+
 def pair_with_scratch(results: pd.DataFrame) -> pd.DataFrame:
     """Each row beside the scratch run of the same target, budget and seed (same subset)."""
     scratch = results[results.strategy == "scratch"][["target", "budget", "seed", "test_acc"]]
@@ -246,7 +256,7 @@ class Headline:
         return {
             "best_strategy": self.best_strategy,
             "fewest_labels": f"{self.fewest.budget}: {self.fewest.verdict} "
-            f"({self.fewest.strategy}, {self.fewest.gain_pts:+.1f} points)",
+            f"({self.fewest.arm}, {self.fewest.gain_pts:+.1f} points)",
         }
 
 
@@ -299,7 +309,7 @@ def compare(
     table = summarise(results)
     sources = choice.source_matrix(choice.aulc_gains(results))
     scores = pd.concat(
-        [pd.read_csv(layout.scores(t)).assign(target=t) for t in targets], ignore_index=True
+        [read_scores(layout.scores(t)).assign(target=t) for t in targets], ignore_index=True
     )
     result = Comparison(
         table,
@@ -362,11 +372,18 @@ def compare(
 def _compute(params: Params, targets: list[str], layout: Layout) -> pd.DataFrame:
     """The compute table from the targets' curves and each source's pretraining cost, shared
     by every target of the study."""
+
+    def read(path: Path) -> list[dict]:
+        return json.loads(path.read_text())
+
     curves = pd.concat(
-        [compute.read_curves(json.loads(layout.curves(t).read_text()), t) for t in targets],
+        [
+            compute.read_curves(read(layout.curves(t)), read(layout.finetune_seconds(t)), t)
+            for t in targets
+        ],
         ignore_index=True,
     )
-    pretraining = {s: json.loads(layout.checkpoint_meta(s).read_text()) for s in params.sources}
+    pretraining = {s: read(layout.pretrain_seconds(s)) for s in params.sources}
     runs = compute.run_costs(curves, pretraining, n_targets=len(params.targets))
     return compute.compute_table(runs)
 

@@ -33,9 +33,9 @@ SCORE_COLUMNS = ["source", "budget", "seed", "n_labels", "logme", "h_score", "le
 
 def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> pd.DataFrame:
     """Write data/features/<target>/<source>/{train,val,test}.npz (x (N, D) float32, y (N,))
-    for every source, and data/features/<target>/scores.csv; return the scores."""
-    folder = layout.scores(target).parent
-    files.check_writable(folder)
+    for every source, and data/scores/<target>.csv; return the scores."""
+    folder = layout.features(target, "any").parent
+    files.check_writable(folder, layout.scores(target).parent)
     device = runtime.configure(params.runtime)
     prepared = layout.prepared(target)
     meta = load_meta(prepared)
@@ -56,13 +56,14 @@ def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> 
             stage.log(
                 params={"target": target, "source": source, "feature_dim": head.shape[1] - 1},
                 metrics={f"{s}_size": len(f) for s, f in features.items()}
-                | {f"{name}_full": scores[name].iloc[-1] for name in ("logme", "h_score")},
+                # at the most labels (budgets come fewest first)
+                | {f"{name}_most_labels": scores[name].iloc[-1] for name in ("logme", "h_score")},
             )
         tables.append(scores)
         log.info("extracted %s features through %s's backbone", target, source)
     table = pd.concat(tables, ignore_index=True)[SCORE_COLUMNS]
     files.write_text(layout.scores(target), table.to_csv(index=False))
-    files.prune(folder, keep={*params.sources, layout.scores(target).name})  # removed sources
+    files.prune(folder, keep=set(params.sources))  # the features of removed sources
     return table
 
 

@@ -439,22 +439,28 @@ class TargetGrid:
         """Write the results table (the grid must be done) and forget the progress file."""
         cells = [self.progress.cells[key] for key in self.order]
         table = pd.DataFrame([c.row for c in cells], columns=RESULT_COLUMNS)
-        files.write_json(self.layout.curves(self.target), [self._cost(c) for c in cells])
+        files.write_json(self.layout.curves(self.target), [self._curve(c) for c in cells])
+        seconds = [{**_cell_key(c), "epoch_seconds": c.epoch_seconds} for c in cells]
+        files.write_json(self.layout.finetune_seconds(self.target), seconds)
         files.write_text(self.layout.results(self.target), table.to_csv(index=False))
         self.progress.path.unlink(missing_ok=True)  # done: the next run starts afresh
         return table
 
-    def _cost(self, cell: Cell) -> dict[str, Any]:
-        """What the compute table reads of a cell: its chosen run's validation accuracy per
-        epoch, the optimizer steps of an epoch, and the seconds of one (measured)."""
+    def _curve(self, cell: Cell) -> dict[str, Any]:
+        """What the compute table reads of a cell (with its seconds, kept apart): its chosen
+        run's validation accuracy per epoch, and the optimizer steps of an epoch."""
         row = cell.row
         return {
-            **{k: row[k] for k in ("source", "strategy", "budget", "seed", "n_labels")},
+            **_cell_key(cell),
+            "n_labels": row["n_labels"],
             "val_acc": row["val_acc"],
             "val_acc_curve": [epoch["val/acc"] for epoch in cell.history],
             "steps_per_epoch": -(-row["n_labels"] // self.batch_size) if cell.history else 0,
-            "epoch_seconds": cell.epoch_seconds,
         }
+
+
+def _cell_key(cell: Cell) -> dict[str, Any]:
+    return dict(zip(("source", "strategy", "budget", "seed"), cell.key, strict=True))
 
 
 class Future(Protocol):

@@ -151,10 +151,11 @@ def _pretrain(
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
             # what pretraining cost, for the compute table: every epoch run (early stopping's
-            # patience included), and the seconds of this run (measured: not reproduced)
+            # patience included); its seconds go to a file of their own (measured, they differ
+            # between executions, and nothing downstream may depend on them)
             "steps": len(result.history) * -(-len(train) // cfg.batch_size),
-            "seconds": time.perf_counter() - started,
         }
+        seconds = time.perf_counter() - started  # of this process: since a resume, if any
         if objective_name == "mlm":  # what guessing the commonest token scores
             train_ids = train.x.cpu().numpy()
             summary["val_unigram_acc"] = unigram_accuracy(
@@ -165,6 +166,7 @@ def _pretrain(
             summary["test_acc"] = evaluate(model, test, 1024)["acc"]
         if shard.rank == 0:
             _write(params, name, objective_name, layout, model, meta, summary, stage, inputs)
+            files.write_json(layout.pretrain_seconds(name), {"seconds": seconds})
     log.info(
         "pretrained backbone on %s (%s): val acc %.4f at epoch %d",
         *(name, objective_name, summary["val_acc"], result.best_epoch),
@@ -193,9 +195,10 @@ def _off_the_shelf(
     tags = stage_tags("pretrain", source=name)
     with recorder.child(f"pretrain {name}", tags=tags, inputs=inputs) as stage:
         stage.log(params={**origin, "weights_file": weights.weights_file})
-        summary = {"epochs_run": 0, "steps": 0, "seconds": 0.0}  # nothing trained here
+        summary = {"epochs_run": 0, "steps": 0}  # nothing trained here
         if shard.rank == 0:
             _write(params, name, "off-the-shelf", layout, model, meta, summary, stage, inputs)
+            files.write_json(layout.pretrain_seconds(name), {"seconds": 0.0})
     log.info("off-the-shelf backbone from %s (sha256 %s)", path, weights.weights_sha256)
     return summary
 
@@ -230,9 +233,10 @@ def _off_the_shelf_images(
     tags = stage_tags("pretrain", source=name)
     with recorder.child(f"pretrain {name}", tags=tags, inputs=[path]) as stage:
         stage.log(params={"pretrained_path": str(path), "weights_sha256": sha256, **arch})
-        summary = {"epochs_run": 0, "steps": 0, "seconds": 0.0}  # nothing trained here
+        summary = {"epochs_run": 0, "steps": 0}  # nothing trained here
         if shard.rank == 0:
             _write(params, name, "off-the-shelf", layout, model, meta, summary, stage, [path])
+            files.write_json(layout.pretrain_seconds(name), {"seconds": 0.0})
     log.info("off-the-shelf %s weights from %s (sha256 %s)", arch["architecture"], path, sha256)
     return summary
 
@@ -280,8 +284,7 @@ def _write(
             "pretrain": params.pretrain.model_dump(mode="json") | {"objective": objective},
         },
         source_meta=meta,
-        # its scores; not its seconds (measured): the same training writes the same file
-        metrics={key: value for key, value in summary.items() if key != "seconds"},
+        metrics=summary,
         # what turns texts into the ids it reads, so that the checkpoint is all one needs
         **({"tokenizer": tokenizer.read_text()} if "tokens" in meta else {}),
     )

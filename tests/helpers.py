@@ -80,11 +80,7 @@ def digest(root: Path) -> dict[str, str]:
 
 # Measured seconds (pretraining's and each run's share of its group's), which differ between
 # executions by nature: the files that hold them, and the report's section that quotes them.
-MEASURED = (
-    "data/checkpoints/*/backbone.json",
-    "data/results/*.curves.json",
-    "reports/compute.csv",
-)
+MEASURED = ("data/timings/*", "reports/compute.csv")
 MEASURED_SECTION = {"report.md": "## Compute saved", "report.html": "<h2>Compute saved</h2>"}
 
 

@@ -68,11 +68,20 @@ def test_outputs_are_the_layout_paths() -> None:
         return path.as_posix()
 
     assert body("prepare")["outs"] == [rel(layout.prepared("any").parent)]
-    assert body("pretrain")["outs"] == [rel(layout.checkpoint(KEY))]
+    assert body("pretrain")["outs"] == [
+        rel(layout.checkpoint(KEY)),
+        rel(layout.pretrain_seconds(KEY)),
+    ]
     assert body("pretrain")["metrics"] == [rel(layout.checkpoint_meta(KEY))]
-    assert body("extract")["outs"] == [rel(layout.scores(KEY).parent)]
-    assert layout.features(KEY, "any").parent == layout.scores(KEY).parent
-    assert body("finetune")["outs"] == [rel(layout.results(KEY)), rel(layout.curves(KEY))]
+    assert body("extract")["outs"] == [
+        rel(layout.features(KEY, "any").parent),
+        rel(layout.scores(KEY)),
+    ]
+    assert body("finetune")["outs"] == [
+        rel(layout.results(KEY)),
+        rel(layout.curves(KEY)),
+        rel(layout.finetune_seconds(KEY)),
+    ]
     reports = rel(layout.reports)
     written = (
         *("comparison.csv", "comparison.md", "summary.csv", "verdicts.csv", "sources.csv"),
@@ -89,8 +98,15 @@ def test_inputs_are_the_upstream_outputs() -> None:
     layout = Layout(Path("."))
     assert rel_in(layout.prepared(KEY), body("pretrain")["deps"])
     every_checkpoint = layout.checkpoint("any").parent.parent
-    for stage in ("extract", "finetune", "compare"):
+    for stage in ("extract", "finetune"):
         assert rel_in(every_checkpoint, body(stage)["deps"])
+    # measured seconds reach the compute table only: no other stage depends on them
+    timings = layout.pretrain_seconds("any").parent.parent
+    assert timings == layout.finetune_seconds("any").parent.parent
+    assert [s for s in STAGES if rel_in(timings, body(s)["deps"])] == ["compare"]
+    assert [s for s in STAGES if rel_in(layout.scores("any").parent, body(s)["deps"])] == [
+        "compare"
+    ]
     for stage in ("extract", "finetune"):
         assert rel_in(layout.prepared(KEY), body(stage)["deps"])
     assert rel_in(layout.features(KEY, "any").parent, body("finetune")["deps"])

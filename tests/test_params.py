@@ -254,14 +254,20 @@ def test_params_survive_a_dump_and_reload(file: Path) -> None:
 def test_the_deprecated_source_key_is_read_as_one_source(tmp_path: Path, caplog) -> None:
     doc = yaml.safe_load(TINY.read_text())
     doc["source"] = doc.pop("sources")["digits"]
-    path = write(tmp_path, yaml.safe_dump(doc))
+    text = yaml.safe_dump(doc)
+    # params.yaml: what dvc.yaml reads too, which cannot run it
+    with pytest.raises(ParamsError, match=r"params.yaml: `source:` is deprecated.*sources:"):
+        load_params(write(tmp_path, text))
+    path = tmp_path / "old.yaml"  # another params file: read, with a warning
+    path.write_text(text)
     params = load_params(path)
     assert list(params.sources) == ["source"]
     assert params.sources["source"].classes == [0, 1, 2, 3, 4]
     assert "`source:` is deprecated" in caplog.text and str(path) in caplog.text
     doc["sources"] = {"other": doc["source"]}
+    path.write_text(yaml.safe_dump(doc))
     with pytest.raises(ParamsError, match="not both"):
-        load_params(write(tmp_path, yaml.safe_dump(doc)))
+        load_params(path)
 
 
 @pytest.mark.parametrize(
@@ -277,6 +283,12 @@ def test_the_deprecated_source_key_is_read_as_one_source(tmp_path: Path, caplog)
             "sources.both.of: 'nope' is not a source to unite",
         ),
         (lambda d: d["sources"]["digits"].update(of=["views"]), "'of' is only for kind joint"),
+        (
+            lambda d: d["sources"].update(
+                both={"kind": "joint", "of": ["digits", "views"], "path": "x.npz"}
+            ),
+            "'path' is not for kind joint",
+        ),
         (lambda d: d["sources"]["views"].update(objective="mlm"), "mlm needs model.backbone"),
         (
             lambda d: d["pretrain"].update(processes=2),

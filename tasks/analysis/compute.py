@@ -115,6 +115,11 @@ def compute_table(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def read_curves(records: list[dict[str, Any]], target: str) -> pd.DataFrame:
-    """A target's curves file (its JSON records) as rows with the target named."""
-    return pd.DataFrame(records).assign(target=target).fillna({"source": ""})
+def read_curves(
+    curves: list[dict[str, Any]], seconds: list[dict[str, Any]], target: str
+) -> pd.DataFrame:
+    """A target's curves and seconds files (their JSON records) as rows with the target named
+    and each result's `epoch_seconds` beside its curve."""
+    keys = ["source", "strategy", "budget", "seed"]
+    rows = pd.DataFrame(curves).merge(pd.DataFrame(seconds), on=keys, validate="1:1")
+    return rows.assign(target=target)

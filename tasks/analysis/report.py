@@ -236,14 +236,16 @@ def agreement_markdown(agreement: pd.DataFrame) -> str:
     shown = pd.DataFrame(
         {
             "score": agreement.score,
-            "Kendall's tau": agreement.kendall_tau.map("{:+.2f}".format),
+            "Kendall's tau": agreement.kendall_tau.map(
+                lambda tau: "n/a" if pd.isna(tau) else f"{tau:+.2f}"
+            ),
             f"{CONFIDENCE:.0%} bootstrap interval": [
                 "n/a" if pd.isna(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
                 for lo, hi in zip(agreement.tau_ci_low, agreement.tau_ci_high, strict=True)
             ],
             "pairs": agreement.pairs,
             "picked the best source": [
-                f"{p} of {n} targets" if n else "n/a (one source)"
+                f"{p} of {n} targets" if n else "n/a (fewer than two sources scored)"
                 for p, n in zip(agreement.targets_picked, agreement.targets_compared, strict=True)
             ],
         }
@@ -362,12 +364,14 @@ def render(params: Params, targets: list[str], result: Comparison, context: Cont
         "What transfer needs to reach scratch's best validation accuracy on the same labelled",
         "subset: optimizer steps and seconds of the epochs until its validation accuracy first",
         "reaches it (scratch: until its best epoch; the probe: its whole L-BFGS fit, seconds",
-        "only; lp_ft's steps leave out its probe's fit, its seconds hold it). Multiplier:",
+        "only, for its whole L2 grid; lp_ft's steps leave out its probe's fit, whose seconds",
+        "are spread over its epochs). Multiplier:",
         "scratch's cost / transfer's (above 1: transfer is cheaper), the geometric mean over",
         "the seeds that reached it. With pretraining: transfer's seconds",
         "plus the source's pretraining seconds shared by the targets. Seconds are each run's",
-        "share of its group's training time: measured, so they vary between executions. Shown:",
-        "each pair's chosen strategy; every cell is in reports/compute.csv.",
+        "share of its group's training time: measured (in the flow, groups share the cores), so",
+        "they vary between executions and orchestrators; read them as indicative, the steps as",
+        "exact. Shown: each pair's chosen strategy; every cell is in reports/compute.csv.",
         "",
         *compute_verdicts(result.compute, params),
         "",

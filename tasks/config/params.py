@@ -203,6 +203,11 @@ class SourceSpec(DatasetSpec):
             raise ValueError("'of' is only for kind joint")
         if self.kind == "joint" and self.classes is not None:
             raise ValueError("kind joint keeps each member's classes: 'classes' is not for it")
+        if self.kind == "joint":
+            data_keys = set(DatasetSpec.model_fields) - {"kind", "classes"}
+            moved = sorted(k for k in data_keys & self.model_fields_set)
+            if moved:
+                raise ValueError(f"'{moved[0]}' is not for kind joint (its members hold the data)")
         return self
 
     def objective_or(self, default: Objective) -> Objective:
@@ -548,6 +553,11 @@ class Params(_Frozen):
             raise ValueError(
                 "sources: off-the-shelf weights (model.pretrained_path) take one source"
             )
+        trained = [n for n, s in self.sources.items() if s.objective is not None]
+        if self.model.pretrained_path is not None and trained:
+            raise ValueError(
+                f"sources.{trained[0]}.objective: off-the-shelf weights are not pretrained here"
+            )
         return self
 
     @property
@@ -662,6 +672,12 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
         raise ParamsError(f"{path}: expected a mapping of params at the top level")
     for assignment in overrides:
         _apply_override(doc, assignment, path)
+    if "source" in doc and "sources" not in doc and path.name == DEFAULT_PARAMS.name:
+        raise ParamsError(
+            f"{path}: `source:` is deprecated, and dvc.yaml (which runs pretrain per entry of "
+            "`sources`) cannot read it here: write `sources: {source: ...}` (the same entry, "
+            "indented under a name)"
+        )
     if "source" in doc and "sources" not in doc:
         log.warning(
             "%s: `source:` is deprecated and read as `sources: {source: ...}`; write `sources:` "

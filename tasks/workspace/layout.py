@@ -32,13 +32,21 @@ class Layout:
 
     def scores(self, target: str) -> Path:
         """Transferability scores of every source for the target, per label budget and seed."""
-        return self.root / "data" / "features" / target / "scores.csv"
+        return self.root / "data" / "scores" / f"{target}.csv"
+
+    def pretrain_seconds(self, source: str) -> Path:
+        """How long `source`'s pretraining took: measured, so apart from what is reproduced."""
+        return self.root / "data" / "timings" / "pretrain" / f"{source}.json"
+
+    def finetune_seconds(self, target: str) -> Path:
+        """Each of the target's results' seconds per run-epoch: measured, as above."""
+        return self.root / "data" / "timings" / "finetune" / f"{target}.json"
 
     def results(self, target: str) -> Path:
         return self.root / "data" / "results" / f"{target}.csv"
 
     def curves(self, target: str) -> Path:
-        """Each result's validation curve and training cost: what the compute table reads."""
+        """Each result's validation curve and steps per epoch: what the compute table reads."""
         return self.root / "data" / "results" / f"{target}.curves.json"
 
     def finetune_progress(self, target: str) -> Path:
