@@ -47,7 +47,6 @@ from tasks.workspace.layout import Layout
 
 log = logging.getLogger(__name__)
 KEYS = ["target", "source", "strategy", "budget"]  # scratch's source is ""
-SIMPLICITY = choice.SIMPLICITY  # ties of validation scores go to the simpler strategy
 
 
 @dataclass(frozen=True)
@@ -213,18 +212,12 @@ VERDICT_COLUMNS = [
 ]
 
 
-def _transfer_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The transfer strategies' rows, with their rank in SIMPLICITY (for breaking ties)."""
-    transfer = table[table.strategy != "scratch"]
-    return transfer.assign(simplicity=transfer.strategy.map(SIMPLICITY.index))
-
-
 def pick_verdicts(table: pd.DataFrame) -> pd.DataFrame:
     """Per target and budget, the transfer arm (a source's strategy) with the best mean
     validation accuracy
     (never the test split), ties to the lower mean validation loss, then to the simpler strategy
-    (SIMPLICITY); and what its paired interval says."""
-    ranked = _transfer_rows(table).sort_values(
+    (choice.SIMPLICITY); and what its paired interval says."""
+    ranked = choice.transfer_rows(table).sort_values(
         ["val_acc_mean", "val_loss_mean", "simplicity"],
         ascending=[False, True, True],
         kind="stable",
@@ -262,7 +255,7 @@ class Headline:
 
 def headlines(summary: pd.DataFrame, verdicts: pd.DataFrame) -> dict[str, Headline]:
     found = {}
-    for target, curves in _transfer_rows(summary).groupby("target", sort=False):
+    for target, curves in choice.transfer_rows(summary).groupby("target", sort=False):
         best = curves.sort_values(["val_aulc", "simplicity"], ascending=[False, True]).iloc[0]
         ends = verdicts[verdicts.target == target].sort_values("n_labels", kind="stable")
         found[target] = Headline(best.arm, best.aulc_gain_pts, ends.iloc[0], ends.iloc[-1])

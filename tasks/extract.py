@@ -47,14 +47,13 @@ def extract(params: Params, target: str, layout: Layout, recorder: Recorder) -> 
         tags = stage_tags("extract", target=target, source=source)
         with recorder.child(f"extract {target} {source}", tags=tags, inputs=inputs) as stage:
             features, head = _features(params, target, source, layout, data, device)
+            feature_dim = int(features["train"].x.shape[1])
             save_splits(
-                layout.features(target, source),
-                features,
-                {**meta, "feature_dim": int(features["train"].x.shape[1])},
+                layout.features(target, source), features, meta | {"feature_dim": feature_dim}
             )
             scores = _scores(params, source, features["train"], head, meta["num_classes"])
             stage.log(
-                params={"target": target, "source": source, "feature_dim": head.shape[1] - 1},
+                params={"target": target, "source": source, "feature_dim": feature_dim},
                 metrics={f"{s}_size": len(f) for s, f in features.items()}
                 # at the most labels (budgets come fewest first)
                 | {f"{name}_most_labels": scores[name].iloc[-1] for name in ("logme", "h_score")},

@@ -126,7 +126,7 @@ def preflight(params: Params, layout: Layout) -> None:
     """What can be known to fail before any work: every user data file (read and checked as
     `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
     shapes = check_user_data(params)
-    for source in shapes.keys() & params.sources.keys():  # a joint one's are its members'
+    for source in [s for s in params.sources if s in shapes]:  # a joint one's: its members'
         for note in check_targets_fit(params.model, shapes, source, params.targets):
             log.warning("%s: %s", source, note)
     if params.model.backbone == "timm":

@@ -25,6 +25,12 @@ SCORES = ["logme", "h_score", "leep"]
 SIMPLICITY = ["linear_probe", "partial", "finetune", "lp_ft"]
 
 
+def transfer_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The transfer strategies' rows, with their rank in SIMPLICITY (for breaking ties)."""
+    transfer = table[table.strategy != "scratch"]
+    return transfer.assign(simplicity=transfer.strategy.map(SIMPLICITY.index))
+
+
 def _seed_aulcs(results: pd.DataFrame) -> pd.DataFrame:
     """Per target x source x strategy x seed: the test and validation AULC of its runs."""
     rows = [
@@ -68,7 +74,7 @@ def aulc_gains(results: pd.DataFrame) -> pd.DataFrame:
 def source_matrix(gains: pd.DataFrame) -> pd.DataFrame:
     """One row per (target, source): its strategy chosen on validation AULC, with that
     strategy's gain and verdict; `best` marks each target's source chosen on validation."""
-    ranked = gains.assign(simplicity=gains.strategy.map(SIMPLICITY.index)).sort_values(
+    ranked = transfer_rows(gains).sort_values(
         ["val_aulc", "simplicity"], ascending=[False, True], kind="stable"
     )
     chosen = ranked.groupby(["target", "source"], sort=False).head(1)

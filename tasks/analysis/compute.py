@@ -55,8 +55,8 @@ def run_costs(
     curves: pd.DataFrame, pretraining: dict[str, dict[str, float]], n_targets: int
 ) -> pd.DataFrame:
     """One row per transfer run: its cost and scratch's to reach scratch's best validation
-    accuracy, and the multipliers. `curves`: the rows of data/results/<target>.curves.json
-    with a `target` column; `pretraining`: each source's backbone.json (`seconds`)."""
+    accuracy, and the multipliers. `curves`: the rows of `read_curves` (every target's);
+    `pretraining`: each source's data/timings/pretrain/<source>.json (`seconds`)."""
     scratch = curves[curves.strategy == "scratch"].set_index(PAIR_KEYS)
     rows = []
     for run in curves[curves.strategy != "scratch"].itertuples(index=False):

@@ -110,10 +110,7 @@ class DatasetSpec(_Frozen):
 
     @property
     def modalities(self) -> tuple[Modality, ...]:
-        """What this kind can hold: npz holds signals or images (the backbone decides); a joint
-        source holds what its members hold."""
-        if self.kind == "joint":
-            return ("signal", "text", "image")
+        """What this kind can hold: npz holds signals or images (the backbone decides)."""
         if self.kind in TEXT_KINDS:
             return ("text",)
         if self.kind == "npz":
@@ -538,13 +535,13 @@ class Params(_Frozen):
         if both:
             raise ValueError(f"{both[0]!r} names a source and a target: give them other names")
         for name, spec in self.sources.items():
-            members = [m for m in spec.of or [] if self.sources.get(m, spec).kind == "joint"]
-            unknown = [m for m in spec.of or [] if m not in self.sources]
-            if unknown or members:
-                raise ValueError(
-                    f"sources.{name}.of: {(unknown or members)[0]!r} is not a source to unite "
-                    f"(sources: {', '.join(n for n, s in self.sources.items() if s.of is None)})"
-                )
+            for member in spec.of or []:
+                if member not in self.sources or self.sources[member].kind == "joint":
+                    uniteable = ", ".join(n for n, s in self.sources.items() if s.of is None)
+                    raise ValueError(
+                        f"sources.{name}.of: {member!r} is not a source to unite "
+                        f"(sources: {uniteable})"
+                    )
         if self.model.modality == "text" and len(self.sources) > 1:
             raise ValueError(
                 "sources: texts take one source (its tokenizer makes every target's token ids)"
@@ -672,13 +669,13 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
         raise ParamsError(f"{path}: expected a mapping of params at the top level")
     for assignment in overrides:
         _apply_override(doc, assignment, path)
-    if "source" in doc and "sources" not in doc and path.name == DEFAULT_PARAMS.name:
-        raise ParamsError(
-            f"{path}: `source:` is deprecated, and dvc.yaml (which runs pretrain per entry of "
-            "`sources`) cannot read it here: write `sources: {source: ...}` (the same entry, "
-            "indented under a name)"
-        )
     if "source" in doc and "sources" not in doc:
+        if path.name == DEFAULT_PARAMS.name:
+            raise ParamsError(
+                f"{path}: `source:` is deprecated, and dvc.yaml (which runs pretrain per entry "
+                "of `sources`) cannot read it here: write `sources: {source: ...}` (the same "
+                "entry, indented under a name)"
+            )
         log.warning(
             "%s: `source:` is deprecated and read as `sources: {source: ...}`; write `sources:` "
             "(one or more named sources)",
