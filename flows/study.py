@@ -30,6 +30,8 @@ from tasks.prepare import prepare
 from tasks.pretrain import pretrain
 from tasks.recording.recorder import Recorder
 from tasks.recording.versioning import Versioning
+from tasks.synthesize import synthesize
+from tasks.synthesizer import synthesizer
 from tasks.workspace.layout import Layout
 
 log = logging.getLogger("flows.study")
@@ -64,6 +66,8 @@ for _engine in ("prefect.task_runs", "prefect.flow_runs"):
 # (tasks/recording/versioning.py), and a second cache could disagree with it.
 _stage = task(cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_transient)
 # Task-run names are fixed (Prefect would add a random suffix): `prepare`, `extract/<target>`...
+synthesizer_task = _stage(synthesizer, name="synthesizer", task_run_name="synthesizer/{corpus}")
+synthesize_task = _stage(synthesize, name="synthesize", task_run_name="synthesize/{corpus}")
 prepare_task = _stage(prepare, name="prepare", task_run_name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain", task_run_name="pretrain/{source}")
 extract_task = _stage(extract, name="extract", task_run_name="extract/{target}")
@@ -106,8 +110,9 @@ def _flow_run_name() -> str:
 
 @flow(name="transfer-study", flow_run_name=_flow_run_name)
 def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None = None) -> str:
-    """prepare -> pretrain per source -> (extract -> finetune groups in parallel) per target ->
-    compare; each stage only if DVC finds it stale, and recorded in DVC after it runs."""
+    """synthesize per corpus -> prepare -> pretrain per source -> (extract -> finetune groups
+    in parallel) per target -> compare; each stage only if DVC finds it stale, and recorded in
+    DVC after it runs."""
     frame.configure_logging()  # again here: a deployment's runs do not pass through main()
     if FROM_COMMAND_LINE:
         # Prefect installs its own SIGTERM handler for the flow run (it would wait for running
@@ -120,12 +125,18 @@ def transfer_study(params_path: str = "params.yaml", overrides: list[str] | None
     dvc = Versioning(layout.root, enabled=Path(params_path) == DEFAULT_PARAMS and versioned)
     backoff = exponential_backoff(params.flow.retry_delay_seconds)  # 1x, 2x, 4x ... the delay
     retry = {"retries": params.flow.retries, "retry_delay_seconds": backoff}
-    prepare_, pretrain_, extract_, train_group_, compare_ = (
+    synthesizer_, synthesize_, prepare_, pretrain_, extract_, train_group_, compare_ = (
         t.with_options(**retry)
-        for t in (prepare_task, pretrain_task, extract_task, train_group_task, compare_task)
+        for t in (
+            *(synthesizer_task, synthesize_task, prepare_task, pretrain_task),
+            *(extract_task, train_group_task, compare_task),
+        )
     )
     flow_run_id = str(get_run_context().flow_run.id)
     with frame.execution(params, "prefect", flow_run_id, layout, dvc) as run:
+        for corpus in params.synthesis:  # spoken-word corpora, rendered offline
+            run.run(f"synthesizer@{corpus}", synthesizer_, corpus)
+            run.run(f"synthesize@{corpus}", synthesize_, corpus)
         run.run("prepare", prepare_)
         # one source after another: MLflow's export of a registered model is not safe in two
         # threads at once (measured: "ProxyTorchDispatchMode slot already occupied")

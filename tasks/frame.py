@@ -42,6 +42,7 @@ from typing import Any, NoReturn, TypeVar
 from tasks.config.params import Params, ParamsError, load_params
 from tasks.data.datasets import DataError
 from tasks.data.sources import check_user_data
+from tasks.data.synthesis import check_corpus
 from tasks.models.errors import CheckpointError
 from tasks.models.shapes import check_targets_fit
 from tasks.recording.recorder import Recorder
@@ -94,9 +95,13 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# A stage that runs once per entry of a params section takes the entry's name: --target NAME
+PER_SECTION = {"target": "targets", "source": "sources", "corpus": "synthesis"}
+
+
 def parser(description: str, per: str | None = None) -> argparse.ArgumentParser:
     """The arguments every command takes: the params file and overrides (and, for a stage that
-    runs per target or per source, `--target` or `--source`: `per`)."""
+    runs per target, source or corpus, `--target`, `--source` or `--corpus`: `per`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument(
@@ -108,23 +113,29 @@ def parser(description: str, per: str | None = None) -> argparse.ArgumentParser:
         help="override one param, e.g. --set finetune.seeds=[0,1,2] (repeatable)",
     )
     if per is not None:
-        parser.add_argument(f"--{per}", required=True, help=f"a name from params' {per}s")
+        parser.add_argument(
+            f"--{per}", required=True, help=f"a name from params' {PER_SECTION[per]}"
+        )
     return parser
 
 
 def load(args: argparse.Namespace) -> Params:
     """The params a command was given, checked (and its `--target` or `--source`, if any)."""
     params = load_params(args.params, args.overrides)
-    for per, names in (("target", params.targets), ("source", params.sources)):
-        name = getattr(args, per, None)
+    for per, section in PER_SECTION.items():
+        name, names = getattr(args, per, None), getattr(params, section)
         if name is not None and name not in names:
-            raise ParamsError(f"--{per} {name!r} is not in {per}s ({', '.join(names)})")
+            listed = ", ".join(names) or "none"
+            raise ParamsError(f"--{per} {name!r} is not in {section} ({listed})")
     return params
 
 
 def preflight(params: Params, layout: Layout) -> None:
-    """What can be known to fail before any work: every user data file (read and checked as
-    `prepare` will), the output folders and the tracking store. Seconds, never minutes."""
+    """What can be known to fail before any work: every synthesizer the corpora need, every
+    user data file (read and checked as `prepare` will), the output folders and the tracking
+    store. Seconds, never minutes."""
+    for name, spec in params.synthesis.items():
+        check_corpus(spec, f"synthesis.{name}")
     shapes = check_user_data(params)
     for source in [s for s in params.sources if s in shapes]:  # a joint one's: its members'
         for note in check_targets_fit(params.model, shapes, source, params.targets):
@@ -132,6 +143,7 @@ def preflight(params: Params, layout: Layout) -> None:
     if params.model.backbone == "timm":
         check_image_model(params)
     check_writable(
+        *([layout.corpora] if params.synthesis else []),
         *(layout.prepared(s).parent for s in params.sources),
         *(layout.checkpoint(s).parent for s in params.sources),
         layout.reports,
@@ -348,8 +360,8 @@ def stage_command(
     per: str | None = None,
 ) -> None:
     """A stage's command line, what `dvc repro` runs: `stage(params, [name,] layout,
-    recorder)`, with the `--target` or `--source` name for a stage that runs `per` one, in an
-    execution of its own (or of its `dvc repro`)."""
+    recorder)`, with the `--target`, `--source` or `--corpus` name for a stage that runs `per`
+    one, in an execution of its own (or of its `dvc repro`)."""
     args = parser(description, per).parse_args(argv)
 
     def body() -> None:

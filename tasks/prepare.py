@@ -18,8 +18,8 @@ from tasks.data.sources import (
     build_splits,
     cuts_test,
     datasets,
+    decoding,
     files_read,
-    image_params,
     unite,
 )
 from tasks.frame import stage_command
@@ -41,8 +41,9 @@ def prepare(params: Params, layout: Layout, recorder: Recorder) -> dict[str, dic
     read = [path for spec, _ in named.values() for path in files_read(spec)]
     with recorder.child("prepare", tags=stage_tags("prepare"), inputs=read) as stage:
         # Build and check every dataset before writing any, so that a bad one changes nothing.
+        how = decoding(params, layout)
         built = {
-            name: build_splits(spec, params.split, key, cuts_test(key), image_params(params))
+            name: build_splits(spec, params.split, key, cuts_test(key), how)
             for name, (spec, key) in named.items()
         }
         for name, spec in joint.items():

@@ -28,6 +28,7 @@ WORKSPACE_FILES = [
     ".dvcignore",
     ".gitignore",
     "data/raw/.gitkeep",
+    "data/synthesized/.gitkeep",
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,12 +18,15 @@ from pydantic import BaseModel
 from tasks.config.params import Params, load_params
 from tasks.recording.recorder import Recorder as NoRecorder
 from tasks.workspace.layout import Layout
-from tests.helpers import REPO
+from tests.helpers import REPO, make_workspace
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-STAGES = ["prepare", "pretrain", "extract", "finetune", "compare"]
+STAGES = ["synthesizer", "synthesize", "prepare", "pretrain", "extract", "finetune", "compare"]
 PER_TARGET = {"extract", "finetune"}
 PER_SOURCE = {"pretrain"}
+PER_CORPUS = {"synthesizer", "synthesize"}
+SPEECH_TINY = REPO / "tests" / "params.speech.tiny.yaml"
+HAS_SYNTHESIZERS = all(shutil.which(program) for program in ("espeak-ng", "flite"))
 KEY = "${key}"
 
 
@@ -67,6 +71,11 @@ def test_outputs_are_the_layout_paths() -> None:
     def rel(path: Path) -> str:
         return path.as_posix()
 
+    assert body("synthesizer")["outs"] == [rel(layout.synthesizer_version(KEY))]
+    assert body("synthesize")["outs"] == [
+        rel(layout.synthesized(KEY)),
+        rel(layout.synthesis_manifest(KEY)),
+    ]
     assert body("prepare")["outs"] == [rel(layout.prepared("any").parent)]
     assert body("pretrain")["outs"] == [
         rel(layout.checkpoint(KEY)),
@@ -96,6 +105,10 @@ def test_outputs_are_the_layout_paths() -> None:
 
 def test_inputs_are_the_upstream_outputs() -> None:
     layout = Layout(Path("."))
+    assert rel_in(layout.synthesizer_version(KEY), body("synthesize")["deps"])
+    assert rel_in(layout.corpora, body("prepare")["deps"])
+    # only the version probe runs every time; what it writes reruns the synthesis
+    assert [s for s in STAGES if body(s).get("always_changed")] == ["synthesizer"]
     assert rel_in(layout.prepared(KEY), body("pretrain")["deps"])
     every_checkpoint = layout.checkpoint("any").parent.parent
     for stage in ("extract", "finetune"):
@@ -119,14 +132,18 @@ def rel_in(path: Path, deps: list[str]) -> bool:
     return path.as_posix() in deps
 
 
-def test_dvc_resolves_one_extract_and_finetune_per_target() -> None:
+def test_dvc_resolves_one_extract_and_finetune_per_target(tmp_path: Path) -> None:
     params = load_params(REPO / "params.yaml")
     with Repo(str(REPO)) as repo:
         names = {stage.addressing for stage in repo.index.stages}
     per_target = {f"{s}@{t}" for s in PER_TARGET for t in params.targets}
     per_source = {f"pretrain@{source}" for source in params.sources}
     assert len(per_source) == 2  # the default study compares two sources
-    assert names == {"prepare", "compare"} | per_target | per_source
+    assert names == {"prepare", "compare"} | per_target | per_source  # no corpus: no synthesis
+    with Repo(str(make_workspace(tmp_path / "speech", SPEECH_TINY))) as repo:
+        names = {stage.name for stage in repo.index.stages}
+    corpora = load_params(SPEECH_TINY).synthesis
+    assert {f"{s}@{c}" for s in PER_CORPUS for c in corpora} < names
 
 
 def test_user_data_folder_is_a_prepare_dependency() -> None:
@@ -258,7 +275,8 @@ def covers(declared: str, read: str) -> bool:
 
 def declared_params(stage: str) -> list[str]:
     """A stage's params keys; a per-source stage's `sources.${key}` (its own entry of the
-    mapping, which a stand-in records as a read of `sources`) counts as `sources`."""
+    mapping, which a stand-in records as a read of `sources`) counts as `sources`, and a
+    per-corpus stage's `synthesis.${key}` as `synthesis`."""
     return [key.replace(f".{KEY}", "") for key in body(stage).get("params", [])]
 
 
@@ -392,6 +410,8 @@ def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict
     studies = [tiny_params, load_params(REPO / "tests" / "params.text.tiny.yaml")]
     if Path("/usr/share/datasets/fashion-mnist").is_dir():  # Debian's; .ci/run installs it
         studies.append(load_params(REPO / "tests" / "params.images.tiny.yaml"))
+    if HAS_SYNTHESIZERS:  # Debian's espeak-ng and flite; .ci/run installs them
+        studies.append(load_params(SPEECH_TINY))
     found: dict[str, set[str]] = {stage: set() for stage in STAGES}
     for study in studies:
         layout = Layout(tmp_path_factory.mktemp("workspace"))
@@ -399,8 +419,12 @@ def reads(tiny_params: Params, tmp_path_factory: pytest.TempPathFactory) -> dict
             function = getattr(importlib.import_module(f"tasks.{stage}"), stage)
             recorded = Reads()
             params = Tracked(study, "", recorded)
-            names = study.targets if stage in PER_TARGET else study.sources
-            for name in names if stage in PER_TARGET | PER_SOURCE else [None]:
+            per = {
+                **dict.fromkeys(PER_TARGET, study.targets),
+                **dict.fromkeys(PER_SOURCE, study.sources),
+            }
+            per |= dict.fromkeys(PER_CORPUS, study.synthesis)
+            for name in per.get(stage, [None]):
                 function(params, *([name] if name else []), layout, NoRecorder())
             found[stage] |= recorded.keys
     return found
@@ -442,6 +466,8 @@ SHIPPED_PARAMS = [
     "tests/params.text.tiny.yaml",
     "params.images.yaml",
     "tests/params.images.tiny.yaml",
+    "params.speech.yaml",
+    "tests/params.speech.tiny.yaml",
 ]
 
 

@@ -103,7 +103,7 @@ def test_params_are_frozen(tiny_params) -> None:
         (
             lambda d: d["sources"]["digits"].update(kind="parquet"),
             "sources.digits.kind: Input should be 'mnist1d', 'npz', 'text', 'fortunes', 'images', "
-            "'idx' or 'joint'",
+            "'idx', 'audio' or 'joint'",
         ),
         (
             lambda d: d["model"].update(backbone="resnet"),

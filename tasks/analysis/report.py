@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from tasks.analysis.statistics import CONFIDENCE, NO_VARIATION
-from tasks.config.params import FOLDER_KINDS, Params, ParamsOrigin
+from tasks.config.params import (
+    AUDIO_KINDS,
+    FOLDER_KINDS,
+    IMAGE_BACKBONES,
+    DatasetSpec,
+    Params,
+    ParamsOrigin,
+)
 from tasks.data.datasets import load_meta
 from tasks.data.sources import datasets
 from tasks.recording.lineage import md5
@@ -74,6 +82,8 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
             read = meta.get("files_md5", {})  # file -> md5
             hashes = ", ".join(v[:8] for v in read.values())
             origin = f"Debian's fortune files in `{spec.fortunes_dir}` (md5 {hashes}){cipher}"
+        elif spec.corpus is not None:
+            origin = _corpus(params, spec.corpus, layout)
         elif spec.kind in FOLDER_KINDS:  # a folder: its files' md5s, where few
             hashes = ", ".join(v[:8] for v in meta.get("files_md5", {}).values())
             origin = f"{spec.kind} folder `{spec.path}`" + (f" (md5 {hashes})" if hashes else "")
@@ -82,10 +92,11 @@ def describe_datasets(params: Params, layout: Layout) -> list[str]:
         else:
             origin = f"built-in `{spec.kind}` generator, seed {spec.generator_args.seed}"
         if spec.scramble_seed is not None:
-            origin += f", pixels scrambled (seed {spec.scramble_seed})"
+            cells = "spectrogram cells" if spec.kind in AUDIO_KINDS else "pixels"
+            origin += f", {cells} scrambled (seed {spec.scramble_seed})"
         classes = ", ".join(f"`{c}`" for c in meta["classes"])
         shape = "x".join(map(str, meta["input_shape"]))
-        shape = f"{SHAPE_NAMES[params.model.backbone]} {shape}"
+        shape = f"{_shape_name(params, spec)} {shape}"
         sizes = ", ".join(f"{k} {v}" for k, v in meta["sizes"].items())
         role = f"; {_pretraining(params, name, meta)}" if name in params.sources else ""
         lines.append(f"- `{key}`: {origin}; {shape}; {sizes}; classes {classes}{role}")
@@ -112,6 +123,29 @@ def _augmentation(params: Params) -> list[str]:
         f"images transformed by torchvision's {named}, a draw per image; validation and test "
         "images are never transformed."
     ]
+
+
+def _shape_name(params: Params, spec: DatasetSpec) -> str:
+    """What the input shape counts: sounds are log-mel spectrograms."""
+    if spec.kind not in AUDIO_KINDS:
+        return SHAPE_NAMES[params.model.backbone]
+    image = params.model.backbone in IMAGE_BACKBONES  # the spectrogram as an image
+    return "log-mel (1, mel bands, frames)" if image else "log-mel (mel bands, frames)"
+
+
+def _corpus(params: Params, corpus: str, layout: Layout) -> str:
+    """A synthesised corpus: who spoke which words, and with what variation."""
+    spec = params.synthesis[corpus]
+    version = json.loads(layout.synthesizer_version(corpus).read_text())["version"]
+    words = ", ".join(f"{label}: {word}" for label, word in spec.words.items())
+    return (
+        f"spoken-word corpus `{corpus}` synthesised offline by {version}, language "
+        f"{spec.language}, voices {', '.join(spec.voices)}, {spec.per_word} sounds per word "
+        f"({words}); each drew a rate x{spec.rate[0]:g}-{spec.rate[1]:g}, pitch "
+        f"x{spec.pitch[0]:g}-{spec.pitch[1]:g}, noise at {spec.snr_db[0]:g}-{spec.snr_db[1]:g} "
+        f"dB SNR and gain {spec.gain_db[0]:g} to {spec.gain_db[1]:g} dB; "
+        f"read at {params.audio.sample_rate} Hz, the first {params.audio.duration:g} s"
+    )
 
 
 def _pretraining(params: Params, name: str, source_meta: dict) -> str:

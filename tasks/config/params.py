@@ -72,22 +72,30 @@ class Mnist1dArgs(_Frozen):
 SIGNAL_KINDS = ("mnist1d", "npz")
 TEXT_KINDS = ("text", "fortunes")
 IMAGE_KINDS = ("images", "idx", "npz")  # npz holds signals or images: the backbone says which
+# audio holds log-mel spectrograms, which feed a signal backbone as (C = mel bands, L = frames)
+# or an image backbone as (1, mel bands, frames): the backbone says which
+AUDIO_KINDS = ("audio",)
 TEXT_BACKBONES = ("transformer", "pretrained")
 IMAGE_BACKBONES = ("timm",)
 # timm constructor args that make the forward pass random (dropout, stochastic depth)
 RANDOM_FORWARD_ARGS = frozenset({"drop_rate", "drop_path_rate", "drop_block_rate"})
 Modality = Literal["signal", "text", "image"]
-FOLDER_KINDS = ("images", "idx")  # `path` names a folder
+FOLDER_KINDS = ("images", "idx", "audio")  # `path` names a folder
 FORTUNES_DIR = Path("/usr/share/games/fortunes")  # where Debian's fortunes packages put them
 
 
+DataKind = Literal["mnist1d", "npz", "text", "fortunes", "images", "idx", "audio"]
+
+
 class DatasetSpec(_Frozen):
-    kind: Literal["mnist1d", "npz", "text", "fortunes", "images", "idx"]
+    kind: DataKind
     # labels to keep as stored (ints or strings, matched by their text: 1 matches '1'),
     # relabelled 0..K-1 in this order; null: all, sorted
     classes: list[int | str] | None = None
     generator: Mnist1dArgs | None = None
     path: Path | None = None
+    # kind audio: a corpus of `synthesis` (rendered by stage synthesize), in place of `path`
+    corpus: str | None = None
     # series of unequal length in one dataset (NaN-padded at the end): refuse them, or stretch
     # each linearly to the dataset's longest (kind npz only)
     unequal_lengths: Literal["refuse", "resample"] = "refuse"
@@ -105,7 +113,8 @@ class DatasetSpec(_Frozen):
     # substitution cipher): the words are gone, the task stays learnable (a control)
     cipher_seed: Seed | None = None
     # images: permute every image's pixels by one seeded permutation, the same for all: the
-    # spatial structure is gone, the pixel values stay (a control)
+    # spatial structure is gone, the pixel values stay (a control); audio: the same for the
+    # spectrogram's (mel band, frame) cells
     scramble_seed: Seed | None = None
 
     @property
@@ -113,7 +122,7 @@ class DatasetSpec(_Frozen):
         """What this kind can hold: npz holds signals or images (the backbone decides)."""
         if self.kind in TEXT_KINDS:
             return ("text",)
-        if self.kind == "npz":
+        if self.kind == "npz" or self.kind in AUDIO_KINDS:
             return ("signal", "image")
         return ("image",) if self.kind in IMAGE_KINDS else ("signal",)
 
@@ -149,18 +158,24 @@ class DatasetSpec(_Frozen):
             )
         if self.kind != "mnist1d" and self.generator is not None:
             raise ValueError("'generator' is only for kind mnist1d")
-        if self.kind in ("npz", "text", *FOLDER_KINDS) and self.path is None:
+        if self.kind in ("npz", "text", "images", "idx") and self.path is None:
             raise ValueError(f"kind {self.kind} needs 'path'")
+        if self.kind in AUDIO_KINDS and (self.path is None) == (self.corpus is None):
+            raise ValueError(
+                "kind audio needs 'path' (a folder root/<label>/*.wav|flac) or 'corpus' (one "
+                "of `synthesis`), not both"
+            )
         if self.kind == "fortunes" and not self.classes:
             raise ValueError("kind fortunes needs 'classes', its files: e.g. [people, law]")
         only = {  # keys that mean something for some kinds only
             "unequal_lengths": ("npz",),
             "text_column": ("text",),
             "label_column": ("text",),
-            "max_per_class": ("fortunes", *IMAGE_KINDS),
+            "max_per_class": ("fortunes", *IMAGE_KINDS, *AUDIO_KINDS),
             "max_chars": ("fortunes",),
             "cipher_seed": TEXT_KINDS,
-            "scramble_seed": IMAGE_KINDS,
+            "scramble_seed": (*IMAGE_KINDS, *AUDIO_KINDS),
+            "corpus": AUDIO_KINDS,
         }
         for key, kinds in only.items():
             # set to other than its default (a dumped and reloaded spec sets every key)
@@ -185,7 +200,7 @@ class SourceSpec(DatasetSpec):
     """A pretraining dataset: a dataset of any kind, or (kind joint) the union of other sources,
     each member's classes kept apart; pretrained with its own objective or pretrain.objective."""
 
-    kind: Literal["mnist1d", "npz", "text", "fortunes", "images", "idx", "joint"]
+    kind: Literal[DataKind, "joint"]
     # joint: the names of the sources whose union it pretrains on
     of: list[str] | None = None
     # supervised (its labels), contrastive (SimCLR on two augmented views: no labels needed),
@@ -310,6 +325,98 @@ class ImageParams(_Frozen):
     # an image folder holding grey and colour images: convert them all (the rule above), or
     # refuse the folder
     mixed_channels: Literal["convert", "refuse"] = "convert"
+
+
+class AudioParams(_Frozen):
+    """What every sound becomes in `prepare` (kind audio only): a mono waveform at sample_rate,
+    cut or zero-padded at its end to `duration`, then a log-mel spectrogram (torchaudio's
+    MelSpectrogram; n_mels bands x frames), cached in data/prepared."""
+
+    sample_rate: PositiveInt = 16000  # Hz
+    duration: PositiveFloat = 1.0  # seconds: longer sounds are cut, shorter ones padded
+    # files at another rate: resample them (torchaudio's sinc interpolation), or refuse them
+    resample: bool = True
+    n_mels: PositiveInt = 40  # mel bands: the signal backbone's channels
+    n_fft: PositiveInt = 400  # STFT window, in samples (25 ms at 16 kHz)
+    hop_length: PositiveInt = 160  # samples between frames (10 ms at 16 kHz)
+
+    @property
+    def samples(self) -> int:
+        return round(self.sample_rate * self.duration)
+
+    @property
+    def frames(self) -> int:
+        """Spectrogram frames of one sound (the STFT is centred: one frame per hop, plus one)."""
+        return self.samples // self.hop_length + 1
+
+    @model_validator(mode="after")
+    def _fits(self) -> AudioParams:
+        if self.n_mels > self.n_fft // 2 + 1:
+            raise ValueError(
+                f"audio.n_mels ({self.n_mels}) exceeds the {self.n_fft // 2 + 1} frequency bins "
+                f"of audio.n_fft {self.n_fft}"
+            )
+        if self.samples < self.n_fft:
+            raise ValueError("audio.duration is shorter than one audio.n_fft window")
+        return self
+
+
+Synthesizer = Literal["espeak-ng", "flite"]
+Range = tuple[float, float]
+
+
+class CorpusSpec(_Frozen):
+    """A spoken-word corpus that stage `synthesize` renders offline with a speech synthesizer
+    from Debian's packages into data/synthesized/<name>/<label>/*.wav (tasks/data/synthesis.py).
+    Each utterance draws its voice, rate, pitch, noise and gain from these ranges, by `seed`."""
+
+    synthesizer: Synthesizer
+    # espeak-ng: a language of `espeak-ng --voices` (en, de, es, fr...); flite speaks English
+    language: str = "en"
+    # espeak-ng: voice variants of `espeak-ng --voices=variant` (m1, f2, klatt...); flite: its
+    # voices (`flite -lv`: kal, kal16, awb, rms, slt)
+    voices: list[str]
+    words: dict[int | str, str]  # each label (its class folder) and the word spoken for it
+    per_word: PositiveInt = 50  # utterances of each word
+    rate: Range = (0.8, 1.25)  # speaking rate, as a factor of the voice's own
+    pitch: Range = (0.8, 1.25)  # pitch, as a factor of the voice's own
+    snr_db: Range = (10.0, 30.0)  # white noise at this signal-to-noise ratio (dB)
+    gain_db: Range = (-12.0, 0.0)  # then this gain (dB)
+    seed: Seed = 0
+
+    @field_validator("voices")
+    @classmethod
+    def _voices(cls, voices: list[str]) -> list[str]:
+        if not voices or len(set(voices)) != len(voices):
+            raise ValueError("must name one or more voices, each once")
+        return voices
+
+    @field_validator("words")
+    @classmethod
+    def _words(cls, words: dict[int | str, str]) -> dict[int | str, str]:
+        if len(words) < 2:
+            raise ValueError("must name two or more labels with their words")
+        for label, word in words.items():
+            if isinstance(label, bool) or not TARGET_NAME.fullmatch(str(label)):
+                raise ValueError(f"label {label!r} must be a folder name: A-Z a-z 0-9 _ -")
+            if not word.strip():
+                raise ValueError(f"label {label!r}: the word is empty")
+        if len({str(label) for label in words}) != len(words):
+            raise ValueError("lists a label twice")
+        return words
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CorpusSpec:
+        for key in ("rate", "pitch", "snr_db", "gain_db"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"{key}: [low, high] with low <= high (got [{low}, {high}])")
+        for key in ("rate", "pitch"):
+            if getattr(self, key)[0] <= 0:
+                raise ValueError(f"{key}: factors above 0")
+        if self.synthesizer == "flite" and self.language != "en":
+            raise ValueError("flite speaks English only (language: en); use espeak-ng")
+        return self
 
 
 # An augmentation: one torchvision.transforms.v2 class by name, with its keyword args, e.g.
@@ -450,6 +557,10 @@ class Params(_Frozen):
     model: ModelParams = ModelParams()
     text: TextParams = TextParams()
     image: ImageParams = ImageParams()
+    audio: AudioParams = AudioParams()
+    # spoken-word corpora rendered offline by stage synthesize, by name; a dataset of kind
+    # audio reads one by `corpus: <name>`
+    synthesis: dict[str, CorpusSpec] = Field(default_factory=dict)
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
     finetune: FinetuneParams = FinetuneParams()
@@ -494,8 +605,14 @@ class Params(_Frozen):
                     f"{key}: kind {spec.kind} holds {held}s, but model.backbone "
                     f"{self.model.backbone} takes {wanted}s (use {fits})"
                 )
-            if wanted != "image" and spec.scramble_seed is not None:
-                raise ValueError(f"{key}.scramble_seed: only for images")
+            if spec.corpus is not None and spec.corpus not in self.synthesis:
+                corpora = ", ".join(self.synthesis) or "none"
+                raise ValueError(
+                    f"{key}.corpus: {spec.corpus!r} is not in synthesis (corpora: {corpora})"
+                )
+            audio = spec.kind in AUDIO_KINDS
+            if wanted != "image" and not audio and spec.scramble_seed is not None:
+                raise ValueError(f"{key}.scramble_seed: only for images and audio")
             if wanted == "signal" and spec.kind == "npz" and spec.max_per_class is not None:
                 raise ValueError(f"{key}.max_per_class: only for images and fortunes")
         if self.pretrain.augment and self.pretrain.processes > 1:
@@ -579,6 +696,16 @@ class Params(_Frozen):
                     "A-Z a-z 0-9 _ -"
                 )
         return named
+
+    @field_validator("synthesis")
+    @classmethod
+    def _corpus_names(cls, corpora: dict[str, CorpusSpec]) -> dict[str, CorpusSpec]:
+        for name in corpora:
+            if not TARGET_NAME.fullmatch(name):
+                raise ValueError(
+                    f"name {name!r}: A-Z a-z 0-9 _ -, starting with a letter or digit"
+                )
+        return corpora
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -681,6 +808,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
             "(one or more named sources)",
             path,
         )
+    if path.name == DEFAULT_PARAMS.name and (path.parent / "dvc.yaml").is_file():
+        _check_dvc_reads(doc, path)
     try:
         params = Params.model_validate(doc)
     except ValidationError as err:
@@ -689,6 +818,16 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
     sha256 = hashlib.sha256(path.read_bytes()).hexdigest()  # as `sha256sum` gives it
     params._origin = ParamsOrigin(path=str(path), sha256=sha256, overrides=tuple(overrides))
     return params
+
+
+def _check_dvc_reads(doc: dict[str, Any], path: Path) -> None:
+    """dvc.yaml runs a stage per entry of `synthesis` and `sources`: DVC cannot read a
+    params.yaml without them (its message would not say what to write)."""
+    if "synthesis" not in doc:
+        raise ParamsError(
+            f"{path}: synthesis: missing; dvc.yaml runs a synthesize stage per spoken-word "
+            "corpus in it: write `synthesis: {}` for none"
+        )
 
 
 def _check_paths_exist(params: Params, path: Path) -> None:

@@ -3,7 +3,8 @@ and (H, W) set by `image` (ImageParams), and y (N,) the labels as stored. Three 
 
 - images: a folder in torchvision's ImageFolder layout, root/<class>/<image> (png, jpg, jpeg,
   bmp, gif, webp, tif, tiff), decoded with Pillow; the class folder names are the labels (str);
-  hidden entries (.DS_Store) are ignored; no shipped test set.
+  hidden entries (.DS_Store) are ignored (the listing is kind audio's, too: folders.py); no
+  shipped test set.
 - idx: a folder of MNIST-style IDX files, optionally gzipped: train-images-idx3-ubyte and
   train-labels-idx1-ubyte are the pool, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte (both
   or neither) the shipped test set; labels int64.
@@ -36,19 +37,24 @@ from PIL import Image
 
 from tasks.config.params import DatasetSpec, ImageParams
 from tasks.data.datasets import DataError, Labelled, RawDataset
+from tasks.data.folders import FolderLayout, class_files, per_class_draw
 from tasks.data.npz import (
+    canonical_labels,
     check_keys,
     check_pairs,
     check_test_labels,
     npz_arrays,
-    canonical_labels,
-    sorted_labels,
 )
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 # Pillow modes of one channel (besides alpha); the 16-bit ones (I;16, I;16B...) start with "I;"
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
-LAYOUT = "kind images reads root/<class name>/<image>"
+FOLDER = FolderLayout(
+    IMAGE_SUFFIXES,
+    "kind images reads root/<class name>/<image>",
+    f"not an image file; a class folder holds only images ({', '.join(IMAGE_SUFFIXES)})",
+    "images",
+)
 ARRAY_FIX = "store images as uint8 (0-255) or floats in [0, 1]"
 FILE_FIX = "store 8- or 16-bit images, or floats in [0, 1]"
 # (images, labels) file names of each split; each may end in .gz
@@ -80,22 +86,7 @@ def image_files(spec: DatasetSpec) -> list[Path]:
     return [spec.path] if spec.kind == "npz" else []
 
 
-# --- shared: the class draw, sizes, the scramble -----------------------------------------------
-
-
-def _per_class_draw(y: np.ndarray, most: int | None) -> np.ndarray:
-    """Sorted indices into y (N,) of at most `most` examples of each class (all when None): per
-    class, in sorted-label order, a draw seeded by the class's index in that order."""
-    if most is None:
-        return np.arange(len(y))
-    kept = []
-    for index, label in enumerate(sorted_labels(y)):
-        members = np.flatnonzero(y == label)
-        if len(members) > most:
-            draw = np.random.default_rng([0, index]).permutation(len(members))
-            members = members[np.sort(draw[:most])]
-        kept.append(members)
-    return np.sort(np.concatenate(kept))
+# --- shared: sizes, the scramble -------------------------------------------------------------
 
 
 def _fit_size(x: np.ndarray, image: ImageParams, where: str) -> np.ndarray:
@@ -149,52 +140,8 @@ def _scramble(data: Labelled, order: np.ndarray) -> Labelled:
 
 
 def _read_folder(spec: DatasetSpec, key: str, image: ImageParams) -> RawDataset:
-    files, labels = _folder_listing(spec.path, key)
-    if spec.classes is not None:  # decode the wanted classes only (matched by their text)
-        wanted = np.isin(labels, [str(label) for label in spec.classes])
-        if not wanted.any():
-            raise DataError(
-                f"{spec.path}: no class folder is named as in {key}.classes {spec.classes} "
-                f"(its folders: {', '.join(sorted(set(labels.tolist()))[:5])}...)"
-            )
-        files, labels = [f for f, keep in zip(files, wanted, strict=True) if keep], labels[wanted]
-    kept = _per_class_draw(labels, spec.max_per_class)
-    x = _decode_all([files[i] for i in kept], image)
-    return RawDataset(Labelled(x, labels[kept]), None)
-
-
-def _folder_listing(root: Path, key: str) -> tuple[list[Path], np.ndarray]:
-    """Every image file under root/<class>/ and its class name (N,) str: classes in sorted-label
-    order, files by name."""
-    entries = _visible(root)
-    for entry in entries:
-        if not entry.is_dir():
-            raise DataError(f"{entry}: a file beside the class folders of {key}.path; {LAYOUT}")
-    if not entries:
-        raise DataError(f"{root}: no class folders in {key}.path; {LAYOUT}")
-    by_class = {entry.name: _class_images(entry) for entry in entries}
-    order = sorted_labels(np.array(list(by_class), dtype=str))
-    files = [path for name in order for path in by_class[name]]
-    labels = np.array([name for name in order for _ in by_class[name]], dtype=str)
-    return files, labels
-
-
-def _visible(folder: Path) -> list[Path]:
-    """A folder's entries by name; hidden ones (.DS_Store, macOS's ._x.png) are not data."""
-    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
-
-
-def _class_images(folder: Path) -> list[Path]:
-    files = _visible(folder)
-    for path in files:
-        if path.is_dir() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(
-                f"{path}: not an image file; a class folder holds only images "
-                f"({', '.join(IMAGE_SUFFIXES)})"
-            )
-    if not files:
-        raise DataError(f"{folder}: empty class folder; add its images or remove it")
-    return files
+    files, labels = class_files(spec.path, key, FOLDER, spec.classes, spec.max_per_class)
+    return RawDataset(Labelled(_decode_all(files, image), labels), None)
 
 
 def _decode_all(files: list[Path], image: ImageParams) -> np.ndarray:
@@ -286,13 +233,13 @@ def _array_channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 def _read_idx_folder(spec: DatasetSpec, key: str, image: ImageParams) -> RawDataset:
     images, pool = _idx_split(spec.path, key, "train")
-    pool = pool.take(_per_class_draw(pool.y, spec.max_per_class))
+    pool = pool.take(per_class_draw(pool.y, spec.max_per_class))
     x = _array_images(str(images), pool.x, image)
     shipped = _idx_split(spec.path, key, "test")
     if shipped is None:
         return RawDataset(Labelled(x, pool.y), None)
     test_images, test = shipped
-    test = test.take(_per_class_draw(test.y, spec.max_per_class))
+    test = test.take(per_class_draw(test.y, spec.max_per_class))
     test_x = _array_images(str(test_images), test.x, image)
     return RawDataset(Labelled(x, pool.y), Labelled(test_x, test.y))
 
@@ -375,11 +322,11 @@ def _read_npz_images(spec: DatasetSpec, key: str, image: ImageParams) -> RawData
     labels = {yname: canonical_labels(path, yname, arrays[yname]) for _, yname in pairs}
     if "y_test" in labels:
         check_test_labels(path, labels["y"], labels["y_test"])
-    kept = _per_class_draw(labels["y"], spec.max_per_class)
+    kept = per_class_draw(labels["y"], spec.max_per_class)
     pool = Labelled(_array_images(f"{path}: 'x'", arrays["x"][kept], image), labels["y"][kept])
     if "x_test" not in arrays:
         return RawDataset(pool, None)
-    kept = _per_class_draw(labels["y_test"], spec.max_per_class)
+    kept = per_class_draw(labels["y_test"], spec.max_per_class)
     test_x = _array_images(f"{path}: 'x_test'", arrays["x_test"][kept], image)
     return RawDataset(pool, Labelled(test_x, labels["y_test"][kept]))
 

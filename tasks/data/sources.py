@@ -1,20 +1,23 @@
 """Dataset sources, a registry by `kind`: the built-in MNIST-1D generator, a user's arrays in .npz
-(tasks/data/npz.py), texts (tasks/data/text.py) and images (tasks/data/images.py). Each loads,
+(tasks/data/npz.py), texts (tasks/data/text.py), images (tasks/data/images.py) and sounds
+(tasks/data/audio.py: a user's folder, or a corpus that stage synthesize rendered). Each loads,
 checks and returns raw arrays with their labels as stored; `build_splits` keeps the wanted
 classes and turns them into the fixed, stratified splits that `prepare` writes."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 from tasks.config.params import (
+    AUDIO_KINDS,
     FOLDER_KINDS,
     IMAGE_BACKBONES,
+    AudioParams,
     DatasetSpec,
     ImageParams,
     Mnist1dArgs,
@@ -29,12 +32,29 @@ from tasks.data.datasets import (
     keep_classes,
     stratified_split,
 )
+from tasks.data.audio import read_audio
 from tasks.data.images import image_files, read_images
 from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.data.npz import listed, read_npz, sorted_labels
 from tasks.data.text import read_fortunes, read_text_table
+from tasks.workspace.layout import Layout
 
 TestSource = Literal["shipped", "cut", "none"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """What files become, by params: images of `image`'s size and channels (an image study's;
+    None otherwise), and sounds as `audio`'s spectrograms, which are images where `image` is
+    set; `corpora`: the folder holding the synthesised corpora."""
+
+    image: ImageParams | None = None
+    audio: AudioParams = field(default_factory=AudioParams)
+    corpora: Path = Layout().corpora
+
+    def audio_folder(self, spec: DatasetSpec) -> Path:
+        """The folder a dataset of kind audio reads: its own, or its corpus's."""
+        return spec.path if spec.path is not None else self.corpora / str(spec.corpus)
 
 
 @dataclass(frozen=True)
@@ -132,14 +152,21 @@ def build_splits(
     split: SplitParams,
     key: str,
     cut_test: bool = True,
-    image: ImageParams | None = None,
+    decoding: Decoding | None = None,
 ) -> BuiltDataset:
     """Load a dataset by its kind (`key`: its params key), keep its classes, relabel them
     0..K-1, and cut fixed stratified splits: train and val from its pool, and as test the
-    arrays it ships, else a cut from the pool if `cut_test`, else none. With `image` (an image
-    study), its examples are images of that size and channels."""
+    arrays it ships, else a cut from the pool if `cut_test`, else none. `decoding` says what
+    images and sounds become (by default: signals, and sounds at AudioParams' defaults)."""
     where = describe(spec, key)
-    raw = read_images(spec, key, image) if image is not None else SOURCES[spec.kind](spec, key)
+    decoding = decoding or Decoding()
+    if spec.kind in AUDIO_KINDS:
+        as_image = decoding.image is not None
+        raw = read_audio(spec, key, decoding.audio, decoding.audio_folder(spec), as_image)
+    elif decoding.image is not None:
+        raw = read_images(spec, key, decoding.image)
+    else:
+        raw = SOURCES[spec.kind](spec, key)
     classes = _chosen_classes(spec, raw.pool.y, where)
     pool = keep_classes(raw.pool, classes, where)
     if raw.test is not None:
@@ -190,9 +217,10 @@ def unite(members: dict[str, BuiltDataset], key: str) -> BuiltDataset:
     return BuiltDataset(splits, classes, "none")
 
 
-def image_params(params: Params) -> ImageParams | None:
-    """What every image becomes, in an image study; None otherwise."""
-    return params.image if params.model.backbone in IMAGE_BACKBONES else None
+def decoding(params: Params, layout: Layout | None = None) -> Decoding:
+    """What images and sounds become in this study, with its corpora where `layout` has them."""
+    image = params.image if params.model.backbone in IMAGE_BACKBONES else None
+    return Decoding(image, params.audio, (layout or Layout()).corpora)
 
 
 def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
@@ -201,14 +229,17 @@ def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
     (max_tokens,) for texts; built-in generators are not run (they cost real time): their shape
     follows from their params."""
     shapes = {}
-    image = image_params(params)
+    how = decoding(params)
     for name, (spec, key) in datasets(params).items():
         if params.model.modality == "text":  # cheap to read: the fortunes are read, too
             build_splits(spec, params.split, key, cut_test=cuts_test(key))
             shapes[name] = (params.text.max_tokens,)
         elif spec.path is not None:
-            built = build_splits(spec, params.split, key, cuts_test(key), image)
+            built = build_splits(spec, params.split, key, cuts_test(key), how)
             shapes[name] = built.input_shape
+        elif spec.corpus is not None:  # rendered later, by stage synthesize
+            spectrogram = (params.audio.n_mels, params.audio.frames)
+            shapes[name] = (1, *spectrogram) if how.image is not None else spectrogram
         else:
             shapes[name] = (1, spec.generator_args.final_seq_length)
     return shapes

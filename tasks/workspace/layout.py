@@ -13,6 +13,24 @@ from pathlib import Path
 class Layout:
     root: Path = Path(".")
 
+    @property
+    def corpora(self) -> Path:
+        """The synthesised spoken-word corpora."""
+        return self.root / "data" / "synthesized"
+
+    def synthesized(self, corpus: str) -> Path:
+        """A corpus's sounds, <corpus>/<label>/*.wav: an audio folder."""
+        return self.corpora / corpus
+
+    def synthesis_manifest(self, corpus: str) -> Path:
+        """What each of the corpus's sounds drew: voice, rate, pitch, noise, gain."""
+        return self.corpora / f"{corpus}.csv"
+
+    def synthesizer_version(self, corpus: str) -> Path:
+        """The installed version of the corpus's synthesizer: DVC reruns its synthesis when it
+        changes."""
+        return self.corpora / f"{corpus}.version.json"
+
     def prepared(self, dataset: str) -> Path:
         return self.root / "data" / "prepared" / dataset
 

@@ -1,0 +1,84 @@
+"""Stage `synthesize`, once per corpus of `synthesis`: a spoken-word corpus rendered offline by
+a speech synthesizer from Debian's packages (tasks/data/synthesis.py) into an audio folder,
+data/synthesized/<corpus>/<label>/*.wav, that a dataset of kind audio reads, with a manifest of
+what each sound drew. It depends on the synthesizer's version that stage `synthesizer` writes
+(tasks/synthesizer.py), so that DVC reruns it when the synthesizer changes."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tasks.config.params import Params
+from tasks.data.synthesis import render_corpus
+from tasks.frame import stage_command
+from tasks.recording.recorder import Recorder, stage_tags
+from tasks.workspace import files
+from tasks.workspace.layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+def synthesize(params: Params, corpus: str, layout: Layout, recorder: Recorder) -> int:
+    """Render `corpus` into data/synthesized/<corpus>/ and its manifest; return the sounds
+    written. The folder is replaced whole, once every sound is written."""
+    spec = params.synthesis[corpus]
+    version = json.loads(layout.synthesizer_version(corpus).read_text())["version"]
+    folder = layout.synthesized(corpus)
+    tags = stage_tags("synthesize", corpus=corpus)
+    with recorder.child(f"synthesize {corpus}", tags=tags) as stage:
+        started = time.perf_counter()
+        with _fresh_folder(folder) as out:
+            rows = render_corpus(spec, corpus, out, workers=os.cpu_count() or 1)
+            files.write_text(layout.synthesis_manifest(corpus), _csv(rows))
+        seconds = time.perf_counter() - started
+        stage.log(
+            params={"synthesizer": spec.synthesizer, "version": version, "sounds": len(rows)},
+            metrics={"seconds": seconds},
+        )
+    log.info("synthesized %s: %d sounds by %s in %.1f s", corpus, len(rows), version, seconds)
+    return len(rows)
+
+
+@contextlib.contextmanager
+def _fresh_folder(folder: Path) -> Iterator[Path]:
+    """An empty folder beside `folder` that replaces it when the block succeeds; on failure
+    the old folder stays as it was and the new one is removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        yield new
+        if folder.exists():  # two renames: the old folder is never half replaced
+            old = new.with_name(new.name.replace(".tmp", ".old"))
+            folder.rename(old)
+            new.rename(folder)
+            shutil.rmtree(old)
+        else:
+            new.rename(folder)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def _csv(rows: list[dict[str, object]]) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def main(argv: list[str] | None = None) -> None:
+    stage_command(__doc__, synthesize, argv, per="corpus")
+
+
+if __name__ == "__main__":
+    main()
