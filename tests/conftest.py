@@ -21,6 +21,7 @@ LONG_FILES = [
     "test_pipeline",
     "test_text_pipeline",
     "test_image_pipeline",
+    "test_speech_pipeline",
     "test_ui",
     "test_frame",
     "test_tracking_server",
