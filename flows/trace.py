@@ -37,10 +37,13 @@ def stage_of(lineage: list[dict[str, str]]) -> str | None:
     stage = next((tags["stage"] for tags in lineage if "stage" in tags), None)
     target = next((tags["target"] for tags in lineage if "target" in tags), None)
     source = next((tags["source"] for tags in lineage if "source" in tags), None)
+    corpus = next((tags["corpus"] for tags in lineage if "corpus" in tags), None)
     if stage in ("extract", "finetune") and target:
         return f"{stage}@{target}"
     if stage == "pretrain" and source:
         return f"{stage}@{source}"
+    if stage == "synthesize" and corpus:
+        return f"{stage}@{corpus}"
     return stage
 
 

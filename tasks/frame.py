@@ -140,8 +140,8 @@ def preflight(params: Params, layout: Layout) -> None:
     for source in [s for s in params.sources if s in shapes]:  # a joint one's: its members'
         for note in check_targets_fit(params.model, shapes, source, params.targets):
             log.warning("%s: %s", source, note)
-    if params.model.backbone == "timm":
-        check_image_model(params)
+    if params.model.backbone == "timm":  # every dataset's examples are of one shape
+        check_image_model(params, next(iter(shapes.values())))
     check_writable(
         *([layout.corpora] if params.synthesis else []),
         *(layout.prepared(s).parent for s in params.sources),
@@ -153,15 +153,15 @@ def preflight(params: Params, layout: Layout) -> None:
     check_tracking(tracking_uri())
 
 
-def check_image_model(params: Params) -> None:
-    """An image study's model: the timm architecture builds with its args, `partial` leaves it
-    a stage to train, and every augmentation is a torchvision transform that takes its args.
+def check_image_model(params: Params, shape: tuple[int, ...]) -> None:
+    """An image study's model on its examples of `shape` (C, H, W): the timm architecture
+    builds with its args, `partial` leaves it a stage to train, and every augmentation is a
+    torchvision transform that takes its args on such an image.
     (The stages check the same when they come to it; here it costs a second, not a stage.)"""
     from tasks.learning.augment import build_augmentation  # torchvision: a slow import
     from tasks.models.classifier import build_classifier
     from tasks.models.shapes import architecture
 
-    shape = (params.image.channels, *params.image.size)
     # built as the stages will (a seeded init for every layer, or one line naming the layer)
     model = build_classifier(architecture(params.model, shape), num_classes=2, seed=0)
     try:

@@ -38,8 +38,9 @@ def synthesize(params: Params, corpus: str, layout: Layout, recorder: Recorder) 
     with recorder.child(f"synthesize {corpus}", tags=tags) as stage:
         started = time.perf_counter()
         with _fresh_folder(folder) as out:
-            rows = render_corpus(spec, corpus, out, workers=os.cpu_count() or 1)
-            files.write_text(layout.synthesis_manifest(corpus), _csv(rows))
+            rows = render_corpus(spec, corpus, out, workers=len(os.sched_getaffinity(0)))
+        files.write_text(layout.synthesis_manifest(corpus), _csv(rows))  # what `folder` holds
+        _prune_removed(params, layout)
         seconds = time.perf_counter() - started
         stage.log(
             params={"synthesizer": spec.synthesizer, "version": version, "sounds": len(rows)},
@@ -58,7 +59,9 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
     try:
         yield new
         if folder.exists():  # two renames: the old folder is never half replaced
-            old = new.with_name(new.name.replace(".tmp", ".old"))
+            # named like the new one (.dvcignore's `.*.tmp`): a crash between the renames
+            # leaves no folder that DVC or the readers would take for data
+            old = new.with_name(new.name.replace(".tmp", ".old.tmp"))
             folder.rename(old)
             new.rename(folder)
             shutil.rmtree(old)
@@ -66,6 +69,22 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
             new.rename(folder)
     finally:
         shutil.rmtree(new, ignore_errors=True)
+
+
+def _prune_removed(params: Params, layout: Layout) -> None:
+    """Remove the sounds, manifests and versions of corpora no longer in params: they would
+    stay in the folder that `prepare` depends on."""
+    kept = {
+        name
+        for corpus in params.synthesis
+        for name in (
+            layout.synthesized(corpus).name,
+            layout.synthesis_manifest(corpus).name,
+            layout.synthesizer_version(corpus).name,
+        )
+    }
+    hidden = {entry.name for entry in layout.corpora.iterdir() if entry.name.startswith(".")}
+    files.prune(layout.corpora, keep=kept | hidden)  # .gitignore, .gitkeep, writes under way
 
 
 def _csv(rows: list[dict[str, object]]) -> str:

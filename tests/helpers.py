@@ -51,6 +51,14 @@ def make_workspace(path: Path, params_file: Path = TINY, extra: tuple[str, ...] 
     return path
 
 
+def run_state_env(workspace: Path, prefect_home: Path) -> dict[str, str]:
+    """The environment of a run with its own MLflow store (in `workspace`) and Prefect home."""
+    return {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+        "PREFECT_HOME": str(prefect_home),
+    }
+
+
 def run_command(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:

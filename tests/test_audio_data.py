@@ -263,6 +263,20 @@ def half(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
+def flac_of_unknown_length() -> bytes:
+    """A FLAC as a stream encoder leaves it: STREAMINFO's 36-bit sample count (from byte 21,
+    past "fLaC", the block header and 13 bytes of sizes and rates) zero, "unknown"."""
+    data = bytearray(sound_bytes(".flac"))
+    data[21] &= 0xF0
+    data[22:26] = bytes(4)
+    return bytes(data)
+
+
+def late_tone() -> np.ndarray:
+    """Silent for 1.25 s, then a tone: nothing to hear in the first audio.duration (1 s)."""
+    return np.concatenate([np.zeros(20000, np.float32), tone(A)])
+
+
 BAD_SOUNDS = {
     "corrupt wav": (
         "x.wav",
@@ -324,6 +338,17 @@ BAD_SOUNDS = {
         "x.wav",
         lambda: sound_bytes(".wav", tone(A, amp=5e-5)),
         "below 0.0001 = -80 dBFS",
+    ),
+    "flac of unknown length": (
+        "x.flac",
+        flac_of_unknown_length,
+        "declares no length (a FLAC written to a stream)",
+    ),
+    "silent for audio.duration": (
+        "x.wav",
+        lambda: sound_bytes(".wav", late_tone()),
+        "silent in its first 1 s (peak |amplitude| 0, below 0.0001 = -80 dBFS): raise "
+        "audio.duration",
     ),
     "channels that cancel": (
         "x.wav",
@@ -447,3 +472,42 @@ def test_the_backbone_chooses_how_sounds_are_shaped(
     params = load_params(tiny, [*overrides, mine])
     shapes = check_user_data(params)
     assert shapes == {"english": shape, "flite": shape, "scrambled": shape, "mine": shape}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("targets.flite.classes=[0, 7]", "classes [7] have no examples"),
+        ("synthesis.flite.per_word=2", "flite"),
+    ],
+)
+def test_a_corpus_that_cannot_be_split_is_refused_before_it_is_rendered(
+    override: str, named: str
+) -> None:
+    """The pre-flight check knows a corpus's labels and counts from its params: a class it
+    does not speak, or too few sounds to cut the splits, fail now, not after the synthesis."""
+    from tasks.config.params import load_params
+    from tasks.data.sources import check_user_data
+
+    params = load_params(Path(__file__).parent / "params.speech.tiny.yaml", [override])
+    with pytest.raises(DataError, match=r"^targets\.flite \(corpus flite\)") as caught:
+        check_user_data(params)
+    assert named in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_spectrograms_augmentation_is_checked_on_its_shape() -> None:
+    """With a timm backbone, a sound is a (1, n_mels, frames) image: an augmentation that does
+    not fit it is refused before any work, not at pretraining."""
+    from tasks.config.params import ParamsError, load_params
+    from tasks.frame import check_image_model
+
+    params = load_params(
+        Path(__file__).parent / "params.speech.tiny.yaml",
+        [
+            "model.backbone=timm",
+            "model.architecture_args={channels: [4, 8, 8, 8], layers: [1, 1, 1, 1]}",
+            "pretrain.augment=[{RandomCrop: {size: 28}}]",
+        ],
+    )
+    with pytest.raises(ParamsError, match=r"pretrain\.augment"):
+        check_image_model(params, (1, params.audio.n_mels, params.audio.frames))

@@ -90,6 +90,20 @@ def test_bad_overrides_on_the_command_line_and_through_dvc(workspace: Path) -> N
     assert digest(workspace) == before
 
 
+def test_a_params_yaml_written_before_the_audio_section_is_refused_by_key(workspace) -> None:
+    """A user's params.yaml from before `audio` came: refused in one line saying what to add,
+    before any work (DVC would refuse it after the flow's first stage had run)."""
+    params = workspace / "params.yaml"
+    doc = yaml.safe_load(params.read_text())
+    del doc["audio"]
+    params.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = digest(workspace)
+    result = run_command(FLOW, cwd=workspace)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert one_line_error(result).startswith("error: params.yaml: audio: missing; dvc.yaml reads")
+    assert digest(workspace) == before
+
+
 def truncated_npz(path: Path) -> None:
     np.savez(path, x=np.zeros((90, 8)), y=np.arange(90) % 3)
     path.write_bytes(path.read_bytes()[:300])  # a download cut short

@@ -20,7 +20,14 @@ from tasks.models.classifier import build_classifier, freeze_lower, load_checkpo
 from tasks.models.errors import CheckpointError
 from tasks.models.shapes import architecture
 from tasks.models.vision import load_off_the_shelf
-from tests.helpers import REPO, make_workspace, one_line_error, results_digest, run_command
+from tests.helpers import (
+    REPO,
+    make_workspace,
+    one_line_error,
+    results_digest,
+    run_command,
+    run_state_env,
+)
 
 IMAGES_TINY = REPO / "tests" / "params.images.tiny.yaml"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -33,13 +40,6 @@ SMALL = ModelParams(
     architecture="resnet18",
     architecture_args={"channels": [4, 8, 8, 8], "layers": [1, 1, 1, 1]},
 )
-
-
-def _env(workspace: Path, prefect_home: Path) -> dict[str, str]:
-    return {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-        "PREFECT_HOME": str(prefect_home),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def image_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ]:
         done[name] = make_workspace(root / name, IMAGES_TINY)
         result = run_command(
-            ["python", *command], cwd=done[name], env=_env(done[name], root / "prefect-home")
+            ["python", *command],
+            cwd=done[name],
+            env=run_state_env(done[name], root / "prefect-home"),
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return done
@@ -216,7 +218,8 @@ def test_a_bad_image_model_is_refused_before_any_work(override: str, named: str)
     from tasks.frame import check_image_model
 
     with pytest.raises((ParamsError, CheckpointError)) as caught:
-        check_image_model(load_params(IMAGES_TINY, [override]))
+        params = load_params(IMAGES_TINY, [override])
+        check_image_model(params, (params.image.channels, *params.image.size))
     assert named in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -389,7 +392,7 @@ def test_a_corrupt_image_is_refused_in_one_line_through_the_flow(tmp_path: Path)
             *("--set", "targets.near={kind: images, path: data/raw/shapes}"),
         ],
         cwd=workspace,
-        env=_env(workspace, tmp_path / "prefect-home"),
+        env=run_state_env(workspace, tmp_path / "prefect-home"),
     )
     assert result.returncode != 0
     line = one_line_error(result)

@@ -15,7 +15,15 @@ import soundfile
 
 from tasks.config.params import load_params
 from tasks.data.datasets import load_meta
-from tests.helpers import REPO, digest, make_workspace, one_line_error, results_digest, run_command
+from tests.helpers import (
+    REPO,
+    digest,
+    make_workspace,
+    one_line_error,
+    results_digest,
+    run_command,
+    run_state_env,
+)
 
 SPEECH_TINY = REPO / "tests" / "params.speech.tiny.yaml"
 FLOW = ["python", "-m", "flows.pipeline"]
@@ -28,13 +36,6 @@ pytestmark = [
 ]
 
 
-def _env(workspace: Path, prefect_home: Path) -> dict[str, str]:
-    return {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-        "PREFECT_HOME": str(prefect_home),
-    }
-
-
 @pytest.fixture(scope="module")
 def speech_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny speech study, once through the Prefect flow (on a fresh Prefect home) and once
@@ -43,7 +44,7 @@ def speech_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     done = {}
     for name, command in [("prefect", FLOW), ("dvc", ["python", "-m", "dvc", "repro"])]:
         done[name] = make_workspace(root / name, SPEECH_TINY)
-        result = run_command(command, cwd=done[name], env=_env(done[name], root / "home"))
+        result = run_command(command, cwd=done[name], env=run_state_env(done[name], root / "home"))
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return done
 
@@ -118,6 +119,7 @@ def test_synthesis_reruns_when_the_synthesizer_changes_and_only_then(
     assert sounds and all(after[name] == before[name] for name in sounds)  # deterministic
     # prepare reads the corpora again (the same spectrograms), and the report names the new
     # version; nothing else reruns
+    assert "Running stage 'prepare'" in newer.stdout
     assert "Stage 'pretrain@english' didn't change, skipping" in newer.stdout
     assert "Stage 'finetune@flite' didn't change, skipping" in newer.stdout
     assert "Running stage 'compare'" in newer.stdout

@@ -310,3 +310,67 @@ def test_another_language_speaks_its_own_words(tmp_path):
     plain = render(german.model_copy(update={"words": {1: "eins", 5: "funf"}}), tmp_path / "x")
     assert digests(tmp_path / "de")["5/5_0000.wav"] != digests(tmp_path / "x")["5/5_0000.wav"]
     assert rows[0]["sample_rate"] == plain[0]["sample_rate"] == 22050
+
+
+@pytest.mark.parametrize("audio", [np.zeros(0), np.zeros(800)], ids=["no samples", "zeros"])
+def test_silence_gets_no_noise(audio):
+    """Noise at an SNR needs a signal: an empty or all-zero rendering is refused."""
+    with pytest.raises(DataError, match="rendered silence"):
+        add_noise(audio, 16000, 20.0, np.random.default_rng(0))
+
+
+@needs_flite
+def test_a_word_the_synthesizer_says_nothing_for_is_refused_by_name(tmp_path):
+    """flite's kal renders no sample at all for "."; the corpus is refused naming the word."""
+    silent = spec("flite", voices=["kal"], words={"a": "one", "b": "."}, per_word=1)
+    with pytest.raises(DataError, match=r"b/b_0000\.wav \('\.', voice .*rendered silence"):
+        render(silent, tmp_path / "out")
+
+
+def test_the_stage_replaces_a_corpus_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Stage synthesize: the corpus folder is replaced once every sound is written; a failure
+    midway leaves the previous one as it was, with nothing beside it; corpora no longer in
+    params are removed (they would stay in what `prepare` depends on)."""
+    from tasks import synthesize as stage
+    from tasks.config.params import load_params
+    from tasks.recording.recorder import Recorder
+    from tasks.workspace import files
+    from tasks.workspace.layout import Layout
+
+    params = load_params(Path(__file__).parent / "params.speech.tiny.yaml")
+    layout = Layout(tmp_path)
+    layout.corpora.mkdir(parents=True)
+    (layout.corpora / ".gitkeep").touch()
+    (layout.corpora / "removed").mkdir()  # a corpus params no longer name
+    (layout.corpora / "removed.csv").write_text("file\n")
+    files.write_json(layout.synthesizer_version("english"), {"version": "v1"})
+
+    def render(take: str, fail: bool = False):
+        def fake(spec, name, out, workers) -> list[dict[str, object]]:
+            for label in spec.words:
+                (out / str(label)).mkdir()
+                (out / str(label) / "x.wav").write_text(take)
+                if fail:
+                    raise DataError("the synthesizer failed midway")
+            return [{"file": f"{label}/x.wav", "label": str(label)} for label in spec.words]
+
+        monkeypatch.setattr(stage, "render_corpus", fake)
+
+    render("first")
+    assert stage.synthesize(params, "english", layout, Recorder()) == 3
+    assert sorted(p.name for p in layout.corpora.iterdir()) == [
+        ".gitkeep",
+        "english",
+        "english.csv",
+        "english.version.json",
+    ]
+    before = digests(layout.corpora)
+    render("second", fail=True)
+    with pytest.raises(DataError, match="midway"):
+        stage.synthesize(params, "english", layout, Recorder())
+    assert digests(layout.corpora) == before  # the first corpus, whole; no leftovers
+    assert sorted(p.name for p in layout.corpora.iterdir())[0] == ".gitkeep"
+    render("third")
+    stage.synthesize(params, "english", layout, Recorder())
+    assert (layout.synthesized("english") / "0" / "x.wav").read_text() == "third"
+    assert len(list(layout.corpora.iterdir())) == 4

@@ -6,6 +6,7 @@ costs a second. Stages take these objects, never raw dicts.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -686,9 +687,15 @@ class Params(_Frozen):
 
     @field_validator("sources", "targets")
     @classmethod
-    def _dataset_names(cls, named: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+    def _some_datasets(cls, named: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
         if not named:
             raise ValueError("must name at least one dataset")
+        return named
+
+    @field_validator("sources", "targets", "synthesis")
+    @classmethod
+    def _names(cls, named: dict[str, Any]) -> dict[str, Any]:
+        """Names become folder and stage names (data/prepared/<name>, pretrain@<name>)."""
         for name in named:
             if not TARGET_NAME.fullmatch(name):
                 raise ValueError(
@@ -696,16 +703,6 @@ class Params(_Frozen):
                     "A-Z a-z 0-9 _ -"
                 )
         return named
-
-    @field_validator("synthesis")
-    @classmethod
-    def _corpus_names(cls, corpora: dict[str, CorpusSpec]) -> dict[str, CorpusSpec]:
-        for name in corpora:
-            if not TARGET_NAME.fullmatch(name):
-                raise ValueError(
-                    f"name {name!r}: A-Z a-z 0-9 _ -, starting with a letter or digit"
-                )
-        return corpora
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -794,6 +791,10 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
         raise ParamsError(f"{path}: YAML does not parse{where}: {problem}") from err
     if not isinstance(doc, dict):
         raise ParamsError(f"{path}: expected a mapping of params at the top level")
+    if path.name == DEFAULT_PARAMS.name and (path.parent / "dvc.yaml").is_file():
+        written = copy.deepcopy(doc)  # what DVC reads: the file, without the overrides
+    else:
+        written = None
     for assignment in overrides:
         _apply_override(doc, assignment, path)
     if "source" in doc and "sources" not in doc:
@@ -808,8 +809,8 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
             "(one or more named sources)",
             path,
         )
-    if path.name == DEFAULT_PARAMS.name and (path.parent / "dvc.yaml").is_file():
-        _check_dvc_reads(doc, path)
+    if written is not None:
+        _check_dvc_reads(written, path)
     try:
         params = Params.model_validate(doc)
     except ValidationError as err:
@@ -821,13 +822,27 @@ def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Sequence[str] = ()
 
 
 def _check_dvc_reads(doc: dict[str, Any], path: Path) -> None:
-    """dvc.yaml runs a stage per entry of `synthesis` and `sources`: DVC cannot read a
-    params.yaml without them (its message would not say what to write)."""
-    if "synthesis" not in doc:
-        raise ParamsError(
-            f"{path}: synthesis: missing; dvc.yaml runs a synthesize stage per spoken-word "
-            "corpus in it: write `synthesis: {}` for none"
-        )
+    """Every params key that dvc.yaml (beside params.yaml) lists is in the file: DVC refuses a
+    params.yaml without one, and in the flow only after the stage has run. Keys added since a
+    user's params.yaml was written (`audio`, `synthesis`) are the usual cause."""
+    stages = yaml.safe_load((path.parent / "dvc.yaml").read_text()).get("stages", {})
+    for stage in stages.values():
+        for key in stage.get("do", stage).get("params", []):
+            key = key.split(".${")[0]  # a per-entry key (sources.${key}): its mapping
+            node: Any = doc
+            for depth, part in enumerate(key.split(".")):
+                if not isinstance(node, dict) or part not in node:
+                    missing = ".".join(key.split(".")[: depth + 1])
+                    add = (
+                        "`synthesis: {}` for no corpora"
+                        if missing == "synthesis"
+                        else "as the repository's params.yaml has it"
+                    )
+                    raise ParamsError(
+                        f"{path}: {missing}: missing; dvc.yaml reads it from this file "
+                        f"(`dvc repro` refuses the file without it): add it, {add}"
+                    )
+                node = node[part]
 
 
 def _check_paths_exist(params: Params, path: Path) -> None:

@@ -52,6 +52,7 @@ FOLDER = FolderLayout(
 # (multichannel, 24-bit), RF64 a WAV beyond 4 GiB
 FORMATS = {".wav": ("WAV", "WAVEX", "RF64"), ".flac": ("FLAC",)}
 SILENT = 1e-4  # peak |amplitude| (-80 dBFS) below which a sound is silence
+UNKNOWN_FRAMES = 2**63 - 1  # what libsndfile declares for a FLAC of unknown length
 MEL_FLOOR = 1e-6  # added before the log: silence maps to log(1e-6), not -inf
 STD_FLOOR = 1e-5  # added to the std: a flat spectrogram is not blown up
 CHUNK = 256  # files decoded and transformed at once: bounds the waveforms held in memory
@@ -95,7 +96,9 @@ def _waveforms(files: list[Path], audio: AudioParams) -> np.ndarray:
         wave, rate = _decode(path, audio)
         needed = _input_needed(rate, audio.sample_rate, audio.samples)
         # a copy of the part used, so that a long file's samples are not held for the chunk
-        decoded[rate].append((row, wave[:needed].copy() if len(wave) > needed else wave))
+        kept = wave[:needed].copy() if len(wave) > needed else wave
+        _check_heard(path, kept[: -(-audio.samples * rate // audio.sample_rate)], audio)
+        decoded[rate].append((row, kept))
     for rate, members in decoded.items():
         rows = [row for row, _ in members]
         waves[rows] = _fit([wave for _, wave in members], rate, audio.sample_rate, audio.samples)
@@ -149,9 +152,11 @@ def _decode(path: Path, audio: AudioParams) -> tuple[np.ndarray, int]:
     try:
         with soundfile.SoundFile(path) as sound:
             _check_header(path, sound, audio)
-            samples = sound.read(dtype="float32", always_2d=True)  # (frames, channels)
             declared, rate = sound.frames, sound.samplerate
-    except (soundfile.SoundFileError, OSError) as err:
+            samples = sound.read(dtype="float32", always_2d=True)  # (frames, channels)
+    except DataError:
+        raise
+    except (soundfile.SoundFileError, OSError, ValueError, MemoryError) as err:
         raise DataError(f"{path}: not a readable audio file ({_one_line(err)})") from err
     if len(samples) != declared:
         raise DataError(
@@ -169,6 +174,16 @@ def _decode(path: Path, audio: AudioParams) -> tuple[np.ndarray, int]:
             f"{path}: silent (peak |amplitude| {peak:.2g}{averaged}, below {SILENT:g} = -80 dBFS)"
         )
     return wave, rate
+
+
+def _check_heard(path: Path, used: np.ndarray, audio: AudioParams) -> None:
+    """A sound whose first audio.duration seconds are silent would become a flat spectrogram."""
+    peak = float(np.abs(used).max())
+    if peak < SILENT:
+        raise DataError(
+            f"{path}: silent in its first {audio.duration:g} s (peak |amplitude| {peak:.2g}, "
+            f"below {SILENT:g} = -80 dBFS): raise audio.duration, or trim its leading silence"
+        )
 
 
 def _check_header(path: Path, sound: soundfile.SoundFile, audio: AudioParams) -> None:
@@ -195,6 +210,11 @@ def _check_header(path: Path, sound: soundfile.SoundFile, audio: AudioParams) ->
         )
     if sound.frames == 0:
         raise DataError(f"{path}: holds no samples (0 frames)")
+    if sound.frames == UNKNOWN_FRAMES:  # libsndfile can neither read nor seek such a file
+        raise DataError(
+            f"{path}: declares no length (a FLAC written to a stream); re-encode it, e.g. "
+            "`flac -d` then `flac`, so that its header holds its length"
+        )
 
 
 def _wav_shortfall(path: Path) -> tuple[int, int] | None:

@@ -33,6 +33,7 @@ from tasks.data.datasets import (
     stratified_split,
 )
 from tasks.data.audio import read_audio
+from tasks.data.folders import per_class_draw
 from tasks.data.images import image_files, read_images
 from tasks.data.mnist1d_fast import make_dataset_fast
 from tasks.data.npz import listed, read_npz, sorted_labels
@@ -46,15 +47,15 @@ TestSource = Literal["shipped", "cut", "none"]
 class Decoding:
     """What files become, by params: images of `image`'s size and channels (an image study's;
     None otherwise), and sounds as `audio`'s spectrograms, which are images where `image` is
-    set; `corpora`: the folder holding the synthesised corpora."""
+    set; `layout`: where the synthesised corpora are."""
 
     image: ImageParams | None = None
     audio: AudioParams = field(default_factory=AudioParams)
-    corpora: Path = Layout().corpora
+    layout: Layout = Layout()
 
     def audio_folder(self, spec: DatasetSpec) -> Path:
         """The folder a dataset of kind audio reads: its own, or its corpus's."""
-        return spec.path if spec.path is not None else self.corpora / str(spec.corpus)
+        return spec.path if spec.path is not None else self.layout.synthesized(str(spec.corpus))
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ def files_read(spec: DatasetSpec) -> list[Path]:
 
 def describe(spec: DatasetSpec, key: str) -> str:
     """Where a dataset comes from, for messages: its params key and the user's file (or kind)."""
-    return f"{key} ({spec.path or spec.kind})"
+    origin = spec.path or (f"corpus {spec.corpus}" if spec.corpus else spec.kind)
+    return f"{key} ({origin})"
 
 
 def _mnist1d(spec: DatasetSpec, key: str) -> RawDataset:
@@ -158,7 +160,6 @@ def build_splits(
     0..K-1, and cut fixed stratified splits: train and val from its pool, and as test the
     arrays it ships, else a cut from the pool if `cut_test`, else none. `decoding` says what
     images and sounds become (by default: signals, and sounds at AudioParams' defaults)."""
-    where = describe(spec, key)
     decoding = decoding or Decoding()
     if spec.kind in AUDIO_KINDS:
         as_image = decoding.image is not None
@@ -167,6 +168,14 @@ def build_splits(
         raw = read_images(spec, key, decoding.image)
     else:
         raw = SOURCES[spec.kind](spec, key)
+    return _splits(raw, spec, split, key, cut_test)
+
+
+def _splits(
+    raw: RawDataset, spec: DatasetSpec, split: SplitParams, key: str, cut_test: bool
+) -> BuiltDataset:
+    """`build_splits` once the dataset is read."""
+    where = describe(spec, key)
     classes = _chosen_classes(spec, raw.pool.y, where)
     pool = keep_classes(raw.pool, classes, where)
     if raw.test is not None:
@@ -220,7 +229,7 @@ def unite(members: dict[str, BuiltDataset], key: str) -> BuiltDataset:
 def decoding(params: Params, layout: Layout | None = None) -> Decoding:
     """What images and sounds become in this study, with its corpora where `layout` has them."""
     image = params.image if params.model.backbone in IMAGE_BACKBONES else None
-    return Decoding(image, params.audio, (layout or Layout()).corpora)
+    return Decoding(image, params.audio, layout or Layout())
 
 
 def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
@@ -238,8 +247,20 @@ def check_user_data(params: Params) -> dict[str, tuple[int, ...]]:
             built = build_splits(spec, params.split, key, cuts_test(key), how)
             shapes[name] = built.input_shape
         elif spec.corpus is not None:  # rendered later, by stage synthesize
+            _check_corpus_splits(params, spec, key)
             spectrogram = (params.audio.n_mels, params.audio.frames)
             shapes[name] = (1, *spectrogram) if how.image is not None else spectrogram
         else:
             shapes[name] = (1, spec.generator_args.final_seq_length)
     return shapes
+
+
+def _check_corpus_splits(params: Params, spec: DatasetSpec, key: str) -> None:
+    """The classes and splits of a corpus not rendered yet, from its labels alone (each
+    spoken per_word times): a missing class, or too few sounds to split, is refused now rather
+    than after the synthesis."""
+    corpus = params.synthesis[str(spec.corpus)]
+    y = np.repeat(np.array([str(label) for label in corpus.words]), corpus.per_word)  # (N,)
+    y = y[per_class_draw(y, spec.max_per_class)]
+    nothing = np.zeros((len(y), 0), dtype=np.float32)  # the sounds are not there yet
+    _splits(RawDataset(Labelled(nothing, y), None), spec, params.split, key, cuts_test(key))

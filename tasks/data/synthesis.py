@@ -322,8 +322,8 @@ def add_noise(
 ) -> np.ndarray:
     """audio (n,) plus white Gaussian noise (over the whole file, silences included) whose
     power is the speech's (active_power) less snr_db."""
-    signal = active_power(audio, sample_rate)
-    if signal <= 0:
+    signal = active_power(audio, sample_rate) if len(audio) else 0.0
+    if not signal > 0:  # no samples at all (flite says nothing for "."), or only zeros
         raise DataError("the synthesizer rendered silence")
     sigma = math.sqrt(signal / 10 ** (snr_db / 10))
     return audio + sigma * rng.standard_normal(len(audio))
