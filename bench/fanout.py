@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import pandas as pd
-from _common import machine, summary
+from _common import machine, require_inputs, summary
 from prefect import flow
 from prefect.futures import as_completed
 
@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     args = parser.parse_args()
     params = load_params(args.params)
+    require_inputs(args.params, args.targets, list(params.sources))
     cfg = params.finetune
     n_groups = len(args.targets) * len(cfg.strategies) * len(cfg.fractions)
     print(machine(params.runtime.threads))

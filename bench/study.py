@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from _common import machine
+from _common import machine, require_inputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -309,17 +309,6 @@ def accuracy_lines(ours: pd.DataFrame, naive: pd.DataFrame) -> list[str]:
     return lines
 
 
-def missing_inputs(targets: list[str], source: str, layout: Layout) -> list[Path]:
-    """The files both sides read (splits, their features, the checkpoint) that are not there."""
-    needed = [layout.checkpoint(source)] + [
-        folder / f"{split}.npz"
-        for t in targets
-        for folder in (layout.prepared(t), layout.features(t, source))
-        for split in SPLITS
-    ]
-    return [path for path in needed if not path.exists()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml", help="the study whose data is used")
@@ -350,14 +339,8 @@ def main() -> None:
     unknown = [t for t in targets if t not in params.targets]
     if unknown:
         sys.exit(f"error: unknown target(s) {unknown}; {args.params} has {list(params.targets)}")
+    require_inputs(args.params, targets, [source])
     data = Layout()
-    missing = missing_inputs(targets, source, data)
-    if missing:
-        sys.exit(
-            f"error: missing {missing[0]}: this benchmark reads the prepared data, features and "
-            f"checkpoint of {args.params}; make them with `dvc repro "
-            f"{' '.join(f'extract@{t}' for t in targets)}` or `python -m flows.pipeline`"
-        )
     cfg = params.finetune
     cells = len(targets) * len(cfg.strategies) * len(cfg.fractions) * len(cfg.seeds)
     print(machine(params.runtime.threads))

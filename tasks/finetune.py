@@ -8,9 +8,9 @@ The unit of work is a group: one source's strategy (or scratch) at one label bud
 A network strategy trains a group's seeds x learning rates as one vectorised ensemble
 (tasks/learning/ensemble.py).
 A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
-run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: a thread of
-this process, one group after another (`finetune`, what `dvc repro` runs), or the Prefect flow's
-task runner, threads or Dask workers (flows/study.py). As each group comes back, the driver
+run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: threads of
+this process, `flow.workers` groups side by side (`finetune`, what `dvc repro` runs), or the
+Prefect flow's task runner, threads or Dask workers (flows/study.py). As each group comes back, the driver
 keeps its cells (a rerun after a crash redoes only the others) and records them at once, with
 the real start and end of their training and every learning rate's curve; a target's table is
 written when its last group is back (`TargetGrid`).
@@ -530,9 +530,10 @@ class Fanout:
 
 
 def finetune(params: Params, target: str, layout: Layout, recorder: Recorder) -> pd.DataFrame:
-    """Run the grid for one target, one group after another, and write its results table.
-    The groups train in a thread of their own, so that each is recorded as it finishes."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    """Run the grid for one target and write its results table: `flow.workers` groups side by
+    side in threads, as the flow runs them (the same results: each group's numbers are its
+    own), each recorded as it finishes."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=params.flow.workers)
     try:
         fanout = Fanout(lambda data, group: pool.submit(train_group, data, params, group))
         fanout.add(TargetGrid(params, target, layout), recorder)

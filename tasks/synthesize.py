@@ -38,7 +38,7 @@ def synthesize(params: Params, corpus: str, layout: Layout, recorder: Recorder) 
     with recorder.child(f"synthesize {corpus}", tags=tags) as stage:
         started = time.perf_counter()
         with _fresh_folder(folder) as out:
-            rows = render_corpus(spec, corpus, out, workers=len(os.sched_getaffinity(0)))
+            rows = render_corpus(spec, corpus, out, workers=_cores())
         files.write_text(layout.synthesis_manifest(corpus), _csv(rows))  # what `folder` holds
         _prune_removed(params, layout)
         seconds = time.perf_counter() - started
@@ -69,6 +69,13 @@ def _fresh_folder(folder: Path) -> Iterator[Path]:
             new.rename(folder)
     finally:
         shutil.rmtree(new, ignore_errors=True)
+
+
+def _cores() -> int:
+    """The cores this process may use (its CPU affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux: a container's or taskset's share
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _prune_removed(params: Params, layout: Layout) -> None:
