@@ -10,7 +10,7 @@ import pytest
 from filelock import FileLock
 
 from tasks.config.params import Params, load_params
-from tests.helpers import TINY, make_workspace, run_command, run_state_env
+from tests.helpers import TINY, make_workspace, run_command
 
 # The test files that take a minute or more, first. pytest-xdist hands each worker whole files in
 # collection order: these start first and the short files fill in around them, so the two
@@ -55,8 +55,8 @@ def tiny_params() -> Params:
 @pytest.fixture(autouse=True)
 def _isolated_run_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test writes to the developer's MLflow store or Prefect home."""
-    for name, value in run_state_env(tmp_path, tmp_path / "prefect-home").items():
-        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
 
 
 @pytest.fixture
@@ -91,7 +91,12 @@ def _run_both_ways(root: Path) -> dict[str, Path]:
     ]:
         workspace = make_workspace(root / name)
         result = run_command(
-            ["python", *command], cwd=workspace, env=run_state_env(workspace, root / "home")
+            ["python", *command],
+            cwd=workspace,
+            env={
+                "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+                "PREFECT_HOME": str(root / "prefect-home"),
+            },
         )
         assert result.returncode == 0, result.stdout + result.stderr
         (workspace / "run.log").write_text(result.stdout + result.stderr)

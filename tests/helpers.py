@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fnmatch
 import hashlib
@@ -12,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,33 +51,11 @@ def make_workspace(path: Path, params_file: Path = TINY, extra: tuple[str, ...] 
     return path
 
 
-_MIGRATED_HOME: list[Path] = []  # this test process's template, made on first use
-
-
-def migrated_prefect_home(path: Path) -> Path:
-    """A Prefect home at `path` (unless one is there) holding a database that is already
-    migrated: a copy of one made once per test process. Prefect's temporary server then starts
-    in about half the time (9 s against 16 s idle, far more on a loaded machine), so that the
-    suite's many flow runs pay for the migrations once. The first run on a fresh home keeps a
-    test of its own (tests/test_frame.py)."""
-    if not _MIGRATED_HOME:
-        template = Path(tempfile.mkdtemp(prefix="prefect-home-"))
-        atexit.register(shutil.rmtree, template, ignore_errors=True)
-        upgrade = [str(Path(sys.executable).parent / "prefect"), "server", "database", "upgrade"]
-        env = {**os.environ, "PREFECT_HOME": str(template)}
-        subprocess.run([*upgrade, "-y"], env=env, check=True, capture_output=True, timeout=600)
-        _MIGRATED_HOME.append(template)
-    if not path.exists():
-        shutil.copytree(_MIGRATED_HOME[0], path)
-    return path
-
-
 def run_state_env(workspace: Path, prefect_home: Path) -> dict[str, str]:
-    """The environment of a run with its own MLflow store (in `workspace`) and Prefect home (a
-    migrated one, `migrated_prefect_home`)."""
+    """The environment of a run with its own MLflow store (in `workspace`) and Prefect home."""
     return {
         "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
-        "PREFECT_HOME": str(migrated_prefect_home(prefect_home)),
+        "PREFECT_HOME": str(prefect_home),
     }
 
 

@@ -18,7 +18,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.helpers import free_port, make_workspace, migrated_prefect_home, run_command, spawn
+from tests.helpers import free_port, make_workspace, run_command, spawn
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "transfer-study/transfer-study"
@@ -55,7 +55,7 @@ def server(tmp_path: Path):
         cwd=tmp_path,
         log=tmp_path / "server.log",
         env={
-            "PREFECT_HOME": str(migrated_prefect_home(tmp_path / "server-home")),
+            "PREFECT_HOME": str(tmp_path / "server-home"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         },
     )

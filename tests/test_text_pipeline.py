@@ -22,7 +22,6 @@ from tests.helpers import (
     one_line_error,
     results_digest,
     run_command,
-    run_state_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -32,7 +31,12 @@ PARENT = "mlflow.parentRunId"
 
 def _run(workspace: Path, command: list[str], prefect_home: Path) -> None:
     result = run_command(
-        ["python", *command], cwd=workspace, env=run_state_env(workspace, prefect_home)
+        ["python", *command],
+        cwd=workspace,
+        env={
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+            "PREFECT_HOME": str(prefect_home),
+        },
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (workspace / "run.log").write_text(result.stdout + result.stderr)
@@ -159,7 +163,10 @@ def test_a_table_without_its_text_column_is_refused_in_one_line(tmp_path: Path) 
             *("--set", "targets.near={kind: text, path: data/raw/reviews.csv}"),
         ],
         cwd=workspace,
-        env=run_state_env(workspace, tmp_path / "prefect-home"),
+        env={
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'mlflow.db'}",
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        },
     )
     assert result.returncode != 0
     line = one_line_error(result)

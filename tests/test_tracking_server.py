@@ -36,7 +36,6 @@ from tests.helpers import (
     free_port,
     log_tail,
     make_workspace,
-    migrated_prefect_home,
     poll,
     registered_backbone,
     run_command,
@@ -207,10 +206,7 @@ def pipeline(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     """The tiny study run by the Prefect flow, recording on the server."""
     root = tmp_path_factory.mktemp("team")
     workspace = make_workspace(root / "ws")
-    env = {
-        "MLFLOW_TRACKING_URI": server["uri"],
-        "PREFECT_HOME": str(migrated_prefect_home(root / "prefect-home")),
-    }
+    env = {"MLFLOW_TRACKING_URI": server["uri"], "PREFECT_HOME": str(root / "prefect-home")}
     result = run_command(
         ["python", "-m", "flows.pipeline", "--params", "params.yaml"],
         cwd=workspace,

@@ -36,7 +36,6 @@ from tests.helpers import (
     free_port,
     log_tail,
     make_workspace,
-    migrated_prefect_home,
     poll,
     run_command,
     spawn,
@@ -156,7 +155,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         ],
         root,
         {
-            "PREFECT_HOME": str(migrated_prefect_home(root / "prefect-home")),
+            "PREFECT_HOME": str(root / "prefect-home"),
             "PREFECT_SERVER_API_AUTH_STRING": prefect_auth,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_API_URL": "/api",  # the UI asks the server it came from, on any port
@@ -209,7 +208,7 @@ def study(team: Team, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stud
     (recorded in DVC). `dvc plots show` after each."""
     root = tmp_path_factory.mktemp("ui")
     workspace = make_workspace(root / "ws", extra=("dvc.lock",))
-    env = {**team.client_env(), "PREFECT_HOME": str(migrated_prefect_home(root / "client-home"))}
+    env = {**team.client_env(), "PREFECT_HOME": str(root / "client-home")}
     stop_watching = threading.Event()
     watcher = threading.Thread(target=_watch_command_lines, args=(team, stop_watching))
     watcher.start()
@@ -269,7 +268,7 @@ def test_clients_without_credentials_are_refused(team: Team, tmp_path: Path) -> 
     assert _status(f"{team.prefect}/api/flow_runs/filter", data=b"{}") == 401
     # the pipeline without MLflow credentials: one line, before any work
     workspace = make_workspace(tmp_path / "ws")
-    env = {**team.client_env(), "PREFECT_HOME": str(migrated_prefect_home(tmp_path / "home"))}
+    env = {**team.client_env(), "PREFECT_HOME": str(tmp_path / "home")}
     env["MLFLOW_TRACKING_PASSWORD"] = "wrong"
     refused = run_command(["python", "-m", "flows.pipeline"], cwd=workspace, env=env)
     assert refused.returncode == 1
