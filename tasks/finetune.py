@@ -10,10 +10,10 @@ A network strategy trains a group's seeds x learning rates as one vectorised ens
 A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
 run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: threads of
 this process, `flow.workers` groups side by side (`finetune`, what `dvc repro` runs), or the
-Prefect flow's task runner, threads or Dask workers (flows/study.py). As each group comes back, the driver
-keeps its cells (a rerun after a crash redoes only the others) and records them at once, with
-the real start and end of their training and every learning rate's curve; a target's table is
-written when its last group is back (`TargetGrid`).
+Prefect flow's task runner, threads or Dask workers (flows/study.py). As each group comes back,
+the driver keeps its cells (a rerun after a crash redoes only the others) and records them at
+once, with the real start and end of their training and every learning rate's curve; a
+target's table is written when its last group is back (`TargetGrid`).
 """
 
 from __future__ import annotations
