@@ -7,9 +7,6 @@ what each sound drew. It depends on the synthesizer's version that stage `synthe
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 import logging
 import os
 import shutil
@@ -18,8 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
+
 from tasks.config.params import Params
-from tasks.data.synthesis import render_corpus
+from tasks.data.synthesis import recorded_version, render_corpus
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder, stage_tags
 from tasks.workspace import files
@@ -32,14 +31,15 @@ def synthesize(params: Params, corpus: str, layout: Layout, recorder: Recorder) 
     """Render `corpus` into data/synthesized/<corpus>/ and its manifest; return the sounds
     written. The folder is replaced whole, once every sound is written."""
     spec = params.synthesis[corpus]
-    version = json.loads(layout.synthesizer_version(corpus).read_text())["version"]
+    version = recorded_version(layout.synthesizer_version(corpus))
     folder = layout.synthesized(corpus)
     tags = stage_tags("synthesize", corpus=corpus)
     with recorder.child(f"synthesize {corpus}", tags=tags) as stage:
         started = time.perf_counter()
         with _fresh_folder(folder) as out:
             rows = render_corpus(spec, corpus, out, workers=_cores())
-        files.write_text(layout.synthesis_manifest(corpus), _csv(rows))  # what `folder` holds
+        manifest = pd.DataFrame(rows).to_csv(index=False)  # what `folder` holds
+        files.write_text(layout.synthesis_manifest(corpus), manifest)
         _prune_removed(params, layout)
         seconds = time.perf_counter() - started
         stage.log(
@@ -92,14 +92,6 @@ def _prune_removed(params: Params, layout: Layout) -> None:
     }
     hidden = {entry.name for entry in layout.corpora.iterdir() if entry.name.startswith(".")}
     files.prune(layout.corpora, keep=kept | hidden)  # .gitignore, .gitkeep, writes under way
-
-
-def _csv(rows: list[dict[str, object]]) -> str:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
 
 
 def main(argv: list[str] | None = None) -> None:

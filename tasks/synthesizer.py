@@ -6,10 +6,8 @@ version leaves it alone."""
 
 from __future__ import annotations
 
-import json
-
 from tasks.config.params import Params
-from tasks.data.synthesis import installed_version
+from tasks.data.synthesis import installed_version, recorded_version
 from tasks.frame import stage_command
 from tasks.recording.recorder import Recorder
 from tasks.workspace import files
@@ -20,11 +18,11 @@ def synthesizer(params: Params, corpus: str, layout: Layout, recorder: Recorder)
     """Write the installed version of `corpus`'s synthesizer (only when it differs from the
     file's, so that an unchanged version leaves the file untouched); return it."""
     spec = params.synthesis[corpus]
-    version = {"synthesizer": spec.synthesizer, "version": installed_version(spec.synthesizer)}
+    version = installed_version(spec.synthesizer)
     path = layout.synthesizer_version(corpus)
-    if not path.is_file() or json.loads(path.read_text()) != version:
-        files.write_json(path, version)
-    return version["version"]
+    if not path.is_file() or recorded_version(path) != version:
+        files.write_json(path, {"synthesizer": spec.synthesizer, "version": version})
+    return version
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from tasks.config.params import (
 )
 from tasks.data.datasets import load_meta
 from tasks.data.sources import datasets
+from tasks.data.synthesis import recorded_version
 from tasks.recording.lineage import md5
 from tasks.workspace.layout import Layout
 
@@ -136,7 +136,7 @@ def _shape_name(params: Params, spec: DatasetSpec) -> str:
 def _corpus(params: Params, corpus: str, layout: Layout) -> str:
     """A synthesised corpus: who spoke which words, and with what variation."""
     spec = params.synthesis[corpus]
-    version = json.loads(layout.synthesizer_version(corpus).read_text())["version"]
+    version = recorded_version(layout.synthesizer_version(corpus))
     words = ", ".join(f"{label}: {word}" for label, word in spec.words.items())
     return (
         f"spoken-word corpus `{corpus}` synthesised offline by {version}, language "

@@ -96,9 +96,7 @@ def _waveforms(files: list[Path], audio: AudioParams) -> np.ndarray:
         wave, rate = _decode(path, audio)
         needed = _input_needed(rate, audio.sample_rate, audio.samples)
         # a copy of the part used, so that a long file's samples are not held for the chunk
-        kept = wave[:needed].copy() if len(wave) > needed else wave
-        _check_heard(path, kept[: -(-audio.samples * rate // audio.sample_rate)], audio)
-        decoded[rate].append((row, kept))
+        decoded[rate].append((row, wave[:needed].copy() if len(wave) > needed else wave))
     for rate, members in decoded.items():
         rows = [row for row, _ in members]
         waves[rows] = _fit([wave for _, wave in members], rate, audio.sample_rate, audio.samples)
@@ -165,25 +163,28 @@ def _decode(path: Path, audio: AudioParams) -> tuple[np.ndarray, int]:
     if not np.isfinite(samples).all():
         raise DataError(f"{path}: holds NaN or infinite samples")
     wave = samples.mean(axis=1, dtype=np.float32)  # (frames,): channels averaged
-    peak = float(np.abs(wave).max())
-    if peak < SILENT:  # checked on the mono sound: channels in opposite phase cancel
-        averaged = (
-            f" after averaging its {samples.shape[1]} channels" if samples.shape[1] > 1 else ""
-        )
-        raise DataError(
-            f"{path}: silent (peak |amplitude| {peak:.2g}{averaged}, below {SILENT:g} = -80 dBFS)"
-        )
+    _check_heard(path, wave, rate, samples.shape[1], audio)
     return wave, rate
 
 
-def _check_heard(path: Path, used: np.ndarray, audio: AudioParams) -> None:
-    """A sound whose first audio.duration seconds are silent would become a flat spectrogram."""
+def _check_heard(
+    path: Path, wave: np.ndarray, rate: int, channels: int, audio: AudioParams
+) -> None:
+    """Refuse a mono wave (frames,) at `rate` that is silent in the part kept (its first
+    audio.duration seconds): it would become a flat spectrogram. Checked after averaging:
+    channels in opposite phase cancel."""
+    used = wave[: -(-audio.samples * rate // audio.sample_rate)]  # the samples kept, at `rate`
     peak = float(np.abs(used).max())
-    if peak < SILENT:
-        raise DataError(
-            f"{path}: silent in its first {audio.duration:g} s (peak |amplitude| {peak:.2g}, "
-            f"below {SILENT:g} = -80 dBFS): raise audio.duration, or trim its leading silence"
-        )
+    if peak >= SILENT:
+        return
+    averaged = f" after averaging its {channels} channels" if channels > 1 else ""
+    later = len(used) < len(wave) and float(np.abs(wave).max()) >= SILENT  # loud past the cut
+    where = f" in its first {audio.duration:g} s" if later else ""
+    fix = ": raise audio.duration, or trim its leading silence" if later else ""
+    raise DataError(
+        f"{path}: silent{where} (peak |amplitude| {peak:.2g}{averaged}, below {SILENT:g} = "
+        f"-80 dBFS){fix}"
+    )
 
 
 def _check_header(path: Path, sound: soundfile.SoundFile, audio: AudioParams) -> None:

@@ -20,6 +20,7 @@ number of workers, and a render is byte-identical on the same synthesizer versio
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -104,6 +105,12 @@ def program(synthesizer: str) -> str:
             f"{synthesizer} is not installed (a speech synthesizer: apt-get install {synthesizer})"
         )
     return path
+
+
+def recorded_version(path: Path) -> str:
+    """The synthesizer version that stage `synthesizer` wrote to `path` (a corpus's
+    <corpus>.version.json: {"synthesizer": ..., "version": ...})."""
+    return json.loads(path.read_text())["version"]
 
 
 def installed_version(synthesizer: str) -> str:
