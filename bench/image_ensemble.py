@@ -88,17 +88,21 @@ class BufferedStack(_Stack):
     statistics in its own slice."""
 
     def __init__(self, members: list[Member], cfg: TrainParams):
-        super().__init__(members, cfg, lambda name: 1.0)
+        super().__init__(members, cfg)
         self.buffers = {
             name: torch.stack([dict(m.model.named_buffers())[name] for m in members])
             for name, _ in members[0].model.named_buffers()
         }
 
-    def _logits(self, weights: dict, x: torch.Tensor, shared_x: bool) -> torch.Tensor:
+    def _logits(self, weights: dict, x: torch.Tensor) -> torch.Tensor:
         def one(w: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
             return functional_call(self.template, (w, b), (xb,))
 
-        dims = (0, 0, None if shared_x else 0)
+        dims = (
+            0,
+            0,
+            None if x.dim() == self.x.dim() - 1 else 0,
+        )  # one batch for all, or each its own
         with autocast(self.device):
             return vmap(one, in_dims=dims)(weights, self.buffers, x).float()
 
@@ -108,11 +112,11 @@ def bare_stack_error(members: list[Member]) -> tuple[str, str]:
     by every member (its template moved off the meta device)."""
     errors = []
     for real_buffers in (False, True):
-        stack = _Stack(members, TrainParams(batch_size=BATCH), lambda name: 1.0)
+        stack = _Stack(members, TrainParams(batch_size=BATCH))
         if real_buffers:
             stack.template = copy.deepcopy(members[0].model)
         try:
-            stack._logits(stack.weights, stack.x[:, :BATCH], shared_x=False)
+            stack._logits(stack.weights, stack.x[:, :BATCH])
             errors.append("none: it runs")
         except Exception as err:  # the point: which error, in one line
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
@@ -143,10 +147,10 @@ def stacked(members: list[Member], steps: int) -> BufferedStack:
     params = [stack.weights[name] for name in stack.trainable]
     for step in range(steps):
         batch = slice(step * BATCH, (step + 1) * BATCH)
-        logits = stack._logits(stack.weights, stack.x[:, batch], shared_x=False)  # (M, B, K)
+        logits = stack._logits(stack.weights, stack.x[:, batch])  # (M, B, K)
         losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, batch], reduction="none")
         grads = torch.autograd.grad(losses.mean(1).sum(), params)
-        stack._adam_step(params, list(grads))
+        stack._adam_step(len(members), params, list(grads))
     return stack
 
 
@@ -156,7 +160,7 @@ def first_gradients(members: list[Member]) -> float:
     stack = BufferedStack(members, TrainParams(batch_size=BATCH))
     stack.template.train()
     params = [stack.weights[name] for name in stack.trainable]
-    logits = stack._logits(stack.weights, stack.x[:, :BATCH], shared_x=False)
+    logits = stack._logits(stack.weights, stack.x[:, :BATCH])
     losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, :BATCH], reduction="none")
     grads = torch.autograd.grad(losses.mean(1).sum(), params)
     by_name = dict(zip(stack.trainable, grads, strict=True))
@@ -172,10 +176,12 @@ def first_gradients(members: list[Member]) -> float:
 
 def compare(norm: str, args: argparse.Namespace) -> float:
     """Check, then time, one network; returns the ratio stacked / separate."""
+    val = data(args.members, BATCH)  # the stack's shared validation split (not scored here)
     members = [
         Member(
             build_classifier(arch(norm), CLASSES, seed),
             data(seed, args.steps * BATCH),
+            val,
             lr=1e-3 * (1 + seed),
             seed=seed,
         )
@@ -209,7 +215,7 @@ def compare(norm: str, args: argparse.Namespace) -> float:
     )
     with torch.no_grad():
         stack.template.eval()  # batch norms: the running statistics, as `evaluate` uses them
-        shared = stack._logits(stack.weights, members[0].train.x[:BATCH], shared_x=True)
+        shared = stack._logits(stack.weights, members[0].train.x[:BATCH])  # one batch for all
         alone = torch.stack([net.eval()(members[0].train.x[:BATCH]) for net in nets])
     n_params = sum(p.numel() for p in members[0].model.parameters())
     print(
@@ -253,8 +259,11 @@ def main() -> None:
         f"{args.members} members, {args.steps} steps per run"
     )
 
+    val = data(2, BATCH)  # the stack's shared validation split (not scored here)
     members = [
-        Member(build_classifier(arch("batchnorm"), CLASSES, seed), data(seed, BATCH), 1e-3, seed)
+        Member(
+            build_classifier(arch("batchnorm"), CLASSES, seed), data(seed, BATCH), val, 1e-3, seed
+        )
         for seed in range(2)
     ]
     as_is, real_buffers = bare_stack_error(members)

@@ -65,14 +65,14 @@ def separate(members: list[Member], steps: int) -> list[Classifier]:
 def stacked(members: list[Member], steps: int) -> _Stack:
     """The ensemble's own step (`_Stack._logits`, autograd.grad, `_adam_step`) on the same
     batches as `separate`."""
-    stack = _Stack(members, TrainParams(batch_size=BATCH), lambda name: 1.0)
+    stack = _Stack(members, TrainParams(batch_size=BATCH))
     params = [stack.weights[name] for name in stack.trainable]
     for step in range(steps):
         batch = slice(step * BATCH, (step + 1) * BATCH)
-        logits = stack._logits(stack.weights, stack.x[:, batch], shared_x=False)  # (M, B, K)
+        logits = stack._logits(stack.weights, stack.x[:, batch])  # (M, B, K)
         losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, batch], reduction="none")
         grads = torch.autograd.grad(losses.mean(1).sum(), params)
-        stack._adam_step(params, list(grads))
+        stack._adam_step(len(members), params, list(grads))
     return stack
 
 
@@ -85,8 +85,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine(args.threads))
+    val = data(args.members, BATCH)  # the stack's shared validation split (not scored here)
     members = [
-        Member(model(seed), data(seed, args.steps * BATCH), lr=1e-3 * (1 + seed), seed=seed)
+        Member(model(seed), data(seed, args.steps * BATCH), val, lr=1e-3 * (1 + seed), seed=seed)
         for seed in range(args.members)
     ]
 
@@ -98,7 +99,7 @@ def main() -> None:
         for name, p in net.named_parameters()
     )
     with torch.no_grad():
-        shared = stack._logits(stack.weights, members[0].train.x[:BATCH], shared_x=True)
+        shared = stack._logits(stack.weights, members[0].train.x[:BATCH])  # one batch for all
         alone = torch.stack([net.eval()(members[0].train.x[:BATCH]) for net in nets])
     print(
         f"after {args.steps} steps: max |stack - separate| weight {diff:.2e}, "

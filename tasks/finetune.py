@@ -4,9 +4,11 @@ scratch (once per target: the paired baseline of every source) at each label bud
 Each run tunes its learning rate (or, for the probe, its L2 strength) on the validation split and
 is scored on the test split once, after that choice. Rows go to data/results/<target>.csv.
 
-The unit of work is a group: one source's strategy (or scratch) at one label budget, all seeds.
-A network strategy trains a group's seeds x learning rates as one vectorised ensemble
-(tasks/learning/ensemble.py).
+The unit of work is a group: one source's strategies at every label budget and seed (scratch,
+one baseline for all sources, goes with the first source's). The probe is solved once per label
+subset (the linear_probe cell, and LP-FT's starting head), and every network run of the group,
+each strategy x budget x seed x learning rate, trains in one vectorised ensemble
+(tasks/learning/ensemble.py), on `runtime.threads` torch threads.
 A group reads only the arrays it is given and writes nothing (`train_group`), so a driver can
 run the groups anywhere. One driver (`Fanout`) hands them to a `submit` callable: threads of
 this process, `flow.workers` groups side by side (`finetune`, what `dvc repro` runs), or the
@@ -101,13 +103,10 @@ class Outcome:
     hparams: dict[str, float]  # the chosen lr or l2
     best_epoch: int = -1
     curves: list[Curve] = field(default_factory=list)  # every lr tried; the chosen one by hparams
-
-
-# A strategy trains every seed of one label budget: seed -> its label subset, in; seed -> its
-# outcome, out. Seeds come together so that a network strategy can train them as one ensemble.
-Strategy = Callable[
-    [TargetData, dict[int, np.ndarray], FinetuneParams, torch.device], dict[int, Outcome]
-]
+    # training seconds: per run-epoch for a network cell (its ensemble's seconds over every
+    # run-epoch the ensemble trained: its runs train together), per run for the probe (no
+    # epochs); measured, not reproduced
+    epoch_seconds: float = math.nan
 
 
 def _fit_probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams) -> ProbeResult:
@@ -120,19 +119,6 @@ def _fit_probe(data: TargetData, subset: np.ndarray, cfg: FinetuneParams) -> Pro
     )
 
 
-def _linear_probe(
-    data: TargetData, subsets: dict[int, np.ndarray], cfg: FinetuneParams, device: torch.device
-) -> dict[int, Outcome]:
-    """Logistic regression on the cached features; the seed only draws the label subset."""
-    outcomes = {}
-    for seed, subset in subsets.items():
-        result = _fit_probe(data, subset, cfg)
-        outcomes[seed] = Outcome(
-            result.val_acc, result.val_loss, result.test_acc, {"l2": result.l2}
-        )
-    return outcomes
-
-
 @dataclass(frozen=True)
 class Start:
     """Where a network strategy starts from: a model, and the hyperparameters that made it."""
@@ -141,28 +127,48 @@ class Start:
     hparams: dict[str, float] = field(default_factory=dict)
 
 
-def _scratch_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Start:
+def _scratch_start(data: TargetData, seed: int, probe: ProbeResult | None) -> Start:
     arch = arch_for(data.checkpoint["arch"], data.inputs["train"].x.shape[1:])  # (C, L)
     return Start(build_classifier(arch, data.num_classes, seed))
 
 
-def _pretrained_start(
-    data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int
-) -> Start:
+def _pretrained_start(data: TargetData, seed: int, probe: ProbeResult | None) -> Start:
     shape = data.inputs["train"].x.shape[1:]  # (C, L): a fresh input layer if it differs
     return Start(
         pretrained_classifier(data.checkpoint, data.num_classes, seed, data.checkpoint_path, shape)
     )
 
 
-def _probed_start(data: TargetData, subset: np.ndarray, cfg: FinetuneParams, seed: int) -> Start:
-    """LP-FT's first step (Kumar et al. 2022): the linear probe's solution becomes the head."""
-    start = _pretrained_start(data, subset, cfg, seed)
-    probe = _fit_probe(data, subset, cfg)
+def _probed_start(data: TargetData, seed: int, probe: ProbeResult | None) -> Start:
+    """LP-FT's first step (Kumar et al. 2022): the linear probe's solution (of the same label
+    subset, solved once for the linear_probe cell too) becomes the head."""
+    start = _pretrained_start(data, seed, probe)
     with torch.no_grad():
         start.model.head.weight.copy_(probe.weight)
         start.model.head.bias.copy_(probe.bias)
     return Start(start.model, {"l2": probe.l2})
+
+
+@dataclass(frozen=True)
+class Network:
+    """A strategy that trains a network: the same loop and lr grid for all, its own start,
+    learning rates per layer (`rate_scales`) and frozen blocks."""
+
+    start: Callable[[TargetData, int, ProbeResult | None], Start]
+    transfer: bool = True  # pretrained layers at the discriminative rate
+    frozen_blocks: Callable[[FinetuneParams], int] = lambda cfg: 0
+
+
+PROBE = "linear_probe"  # logistic regression on the cached features; the seed draws the subset
+NETWORKS: dict[str, Network] = {
+    "scratch": Network(_scratch_start, transfer=False),
+    "finetune": Network(_pretrained_start),
+    "lp_ft": Network(_probed_start),
+    "partial": Network(_pretrained_start, frozen_blocks=lambda cfg: cfg.freeze_blocks),
+}
+STRATEGIES = (PROBE, *NETWORKS)
+
+CellKey = tuple[str, str, int]  # (strategy, budget name, seed)
 
 
 def rate_scales(model: Classifier, cfg: FinetuneParams, transfer: bool) -> dict[str, float]:
@@ -180,15 +186,16 @@ def rate_scales(model: Classifier, cfg: FinetuneParams, transfer: bool) -> dict[
 
 
 def _inputs_from_frozen(
-    data: TargetData, starts: dict[int, Start], frozen: int, device: torch.device
+    data: TargetData, starts: Iterable[Start], frozen: int, device: torch.device
 ) -> dict[str, Labelled]:
-    """What a budget's runs read: the target's inputs, or, for a text encoder with frozen lower
-    blocks, their output computed once (tasks/models/frozen.py); the starts then run the
+    """What a strategy's runs read: the target's inputs, or, for a text encoder with frozen
+    lower blocks, their output computed once (tasks/models/frozen.py); the starts then run the
     blocks above from it. The frozen weights are the pretrained ones, the same at every seed."""
-    encoder = next(iter(starts.values())).model.backbone
+    starts = list(starts)
+    encoder = starts[0].model.backbone
     if not frozen or not hasattr(encoder, "upper"):
         return data.inputs
-    for begin in starts.values():
+    for begin in starts:
         begin.model.backbone = UpperBlocks(begin.model.backbone, frozen)
     return {
         split: Labelled(frozen_states(encoder.to(device), part.x, frozen, device), part.y)
@@ -196,89 +203,119 @@ def _inputs_from_frozen(
     }
 
 
-def _network(
-    start: Callable[[TargetData, np.ndarray, FinetuneParams, int], Start],
-    transfer: bool = True,
-    frozen_blocks: Callable[[FinetuneParams], int] = lambda cfg: 0,
-) -> Strategy:
-    """A strategy that trains a network: the same loop and lr grid for all, its own start,
-    learning rates per layer (`rate_scales`) and frozen blocks."""
+def train_cells(
+    data: TargetData,
+    strategies: Iterable[str],
+    subsets: dict[tuple[str, int], np.ndarray],
+    cfg: FinetuneParams,
+    device: torch.device,
+) -> dict[CellKey, Outcome]:
+    """Every cell of `strategies` at the label subsets given by (budget name, seed).
 
-    def run(
-        data: TargetData, subsets: dict[int, np.ndarray], cfg: FinetuneParams, device: torch.device
-    ) -> dict[int, Outcome]:
-        # every seed x lr of this budget is one member of one vectorised ensemble
-        starts = {seed: start(data, subset, cfg, seed) for seed, subset in subsets.items()}
-        inputs = _inputs_from_frozen(data, starts, frozen_blocks(cfg), device)
-        # images: the same for every network strategy
-        transform = build_augmentation(
-            cfg.augment, "finetune.augment", inputs["train"].x.shape[1:]
+    The probe is solved once per subset: it is the linear_probe cell and lp_ft's starting head.
+    Each network cell tries every lr of `cfg.lrs`, chosen on validation; all of them, every
+    network strategy's at every subset, train as one vectorised ensemble where the backbone
+    allows it (tasks/learning/ensemble.py), else one cell's runs after another.
+    """
+    strategies = list(strategies)
+    probes: dict[tuple[str, int], tuple[ProbeResult, float]] = {}  # and its seconds
+    if PROBE in strategies or "lp_ft" in strategies:
+        for key, subset in subsets.items():
+            started = time.perf_counter()
+            probes[key] = _fit_probe(data, subset, cfg), time.perf_counter() - started
+    outcomes = {
+        (PROBE, *key): Outcome(
+            probe.val_acc, probe.val_loss, probe.test_acc, {"l2": probe.l2}, epoch_seconds=seconds
         )
-        members = []
-        for seed, subset in subsets.items():
+        for key, (probe, seconds) in probes.items()
+        if PROBE in strategies
+    }
+    # images: the same for every network strategy
+    transform = build_augmentation(
+        cfg.augment, "finetune.augment", data.inputs["train"].x.shape[1:]
+    )
+    on_device: dict[int, dict[str, DeviceData]] = {}  # val and test, by the inputs they are of
+    runs: dict[CellKey, list[Member]] = {}  # a cell's runs: one per lr
+    tests: dict[CellKey, DeviceData] = {}
+    hparams: dict[CellKey, dict[str, float]] = {}
+    for strategy in (s for s in strategies if s in NETWORKS):
+        network = NETWORKS[strategy]
+        starts = {key: network.start(data, key[1], probes.get(key, (None,))[0]) for key in subsets}
+        inputs = _inputs_from_frozen(data, starts.values(), network.frozen_blocks(cfg), device)
+        splits = on_device.setdefault(
+            id(inputs), {s: DeviceData.from_arrays(inputs[s], device) for s in ("val", "test")}
+        )
+        for (budget, seed), subset in subsets.items():
+            cell = (strategy, budget, seed)
             train = DeviceData.from_arrays(inputs["train"].take(subset), device)
             objective = Augmented(SUPERVISED, transform, seed) if transform else SUPERVISED
+            tests[cell], hparams[cell] = splits["test"], starts[budget, seed].hparams
+            runs[cell] = []
             for lr in cfg.lrs:
-                model = copy.deepcopy(starts[seed].model)
-                freeze_lower(model, frozen_blocks(cfg))
+                model = copy.deepcopy(starts[budget, seed].model)
+                freeze_lower(model, network.frozen_blocks(cfg))
                 for name, param in model.named_parameters():
                     param.requires_grad_(param.requires_grad or name in model.fresh)
-                members.append(Member(model, train, lr, seed, objective))
-        scales = rate_scales(members[0].model, cfg, transfer)
-        val = DeviceData.from_arrays(inputs["val"], device)
-        vectorise = data.checkpoint["arch"]["name"] in VECTORISED
-        fitted = fit_ensemble(members, val, cfg, scales.__getitem__, vectorise)
-        test = DeviceData.from_arrays(inputs["test"], device)
-        outcomes = {}
-        for seed in subsets:
-            tried = [
-                (result, member.lr, model)
-                for member, (result, model) in zip(members, fitted, strict=True)
-                if member.seed == seed
-            ]
+                rates = rate_scales(model, cfg, network.transfer)
+                runs[cell].append(Member(model, train, splits["val"], lr, seed, rates, objective))
+    if not runs:
+        return outcomes
+    vectorise = data.checkpoint["arch"]["name"] in VECTORISED
+    # one stack for every run; else one cell's runs at a time (a large model's trained copies
+    # are not all kept at once)
+    batches = [list(runs)] if vectorise else [[cell] for cell in runs]
+    for cells in batches:
+        members = [member for cell in cells for member in runs[cell]]
+        started = time.perf_counter()
+        fitted = fit_ensemble(members, cfg, vectorise)
+        epoch_seconds = (time.perf_counter() - started) / sum(len(r.history) for r, _ in fitted)
+        fitted = iter(fitted)
+        for cell in cells:
+            tried = [(*next(fitted), member.lr) for member in runs[cell]]
             # the lr with the best validation score (ties: the first in cfg.lrs)
-            result, lr, model = max(tried, key=lambda candidate: candidate[0].score)
-            test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
+            result, model, lr = max(tried, key=lambda candidate: candidate[0].score)
+            test_acc = evaluate(model, tests[cell], 1024)["acc"]  # scored once, after the choice
             curves = [
                 Curve(lr_, r.history, r.epoch_ends, r.best_epoch, r.best_val_acc)
-                for r, lr_, _ in tried
+                for r, _, lr_ in tried
             ]
-            outcomes[seed] = Outcome(
+            outcomes[cell] = Outcome(
                 result.best_val_acc,
                 result.best_val_loss,
                 test_acc,
-                {"lr": lr, **starts[seed].hparams},
+                {"lr": lr, **hparams[cell]},
                 result.best_epoch,
                 curves,
+                epoch_seconds,
             )
-        return outcomes
-
-    return run
-
-
-STRATEGIES: dict[str, Strategy] = {
-    "scratch": _network(_scratch_start, transfer=False),
-    "linear_probe": _linear_probe,
-    "finetune": _network(_pretrained_start),
-    "lp_ft": _network(_probed_start),
-    "partial": _network(_pretrained_start, frozen_blocks=lambda cfg: cfg.freeze_blocks),
-}
+    return outcomes
 
 
 @dataclass(frozen=True)
 class Group:
-    """The unit of work: one source's strategy at one label budget, every seed (trained
-    together); scratch's source is "" (one baseline for every source)."""
+    """The unit of work: one source's strategies at every label budget and seed, trained
+    together (their network runs as one vectorised ensemble). Scratch, one baseline for every
+    source, goes with the first source's (its cells' source is "")."""
 
     source: str
-    strategy: str
-    budget: Budget
+    strategies: tuple[str, ...]
+    budgets: tuple[Budget, ...]
     seeds: tuple[int, ...]
 
     @property
     def label(self) -> str:
-        """`source/strategy`, or `scratch`: how task runs and logs name it."""
-        return "/".join(filter(None, [self.source, self.strategy]))
+        """How task runs and logs name it: its source."""
+        return self.source
+
+    @property
+    def cells(self) -> list[tuple[str, str, str, int]]:
+        """Its cells' keys, (source, strategy, budget, seed)."""
+        return [
+            ("" if strategy == "scratch" else self.source, strategy, budget.name, seed)
+            for strategy in self.strategies
+            for budget in self.budgets
+            for seed in self.seeds
+        ]
 
 
 @dataclass(frozen=True)
@@ -307,27 +344,27 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
     nothing, so it runs the same in a thread, another process or on another machine."""
     started = time.time()
     device = runtime.configure(params.runtime)  # in a worker process, too
-    cfg = params.finetune
-    per_class = group.budget.per_class
-    subsets = {seed: label_subset(data.inputs["train"].y, per_class, seed) for seed in group.seeds}
-    outcomes = STRATEGIES[group.strategy](data, subsets, cfg, device)
+    budgets = {budget.name: budget for budget in group.budgets}
+    subsets = {
+        (budget.name, seed): label_subset(data.inputs["train"].y, budget.per_class, seed)
+        for budget in group.budgets
+        for seed in group.seeds
+    }
+    outcomes = train_cells(data, group.strategies, subsets, params.finetune, device)
     ended = time.time()
-    # the runs' share of the group's time: per epoch of every run it trained (each lr's)
-    runs_epochs = sum(len(c.history) for o in outcomes.values() for c in o.curves)
-    epoch_seconds = (ended - started) / (runs_epochs or len(group.seeds))
     cells = []
-    for seed in group.seeds:
-        outcome = outcomes[seed]
+    for source, strategy, budget, seed in group.cells:
+        outcome = outcomes[strategy, budget, seed]
         # the chosen lr's curve (the probe has none: it trains no epochs)
         chosen = next((c for c in outcome.curves if c.lr == outcome.hparams.get("lr")), None)
         row = {
             "target": data.name,
-            "source": group.source,
-            "strategy": group.strategy,
-            "budget": group.budget.name,
+            "source": source,
+            "strategy": strategy,
+            "budget": budget,
             "seed": seed,
-            "n_labels": len(subsets[seed]),
-            "per_class": group.budget.per_class_text,
+            "n_labels": len(subsets[budget, seed]),
+            "per_class": budgets[budget].per_class_text,
             "lr": np.nan,
             "l2": np.nan,
             "val_acc": outcome.val_acc,
@@ -338,10 +375,10 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         } | outcome.hparams
         curves = [dataclasses.asdict(curve) for curve in outcome.curves]
         history, epoch_ends = (chosen.history, chosen.epoch_ends) if chosen else ([], [])
-        cells.append(Cell(row, history, started, ended, epoch_ends, curves, epoch_seconds))
+        cells.append(Cell(row, history, started, ended, epoch_ends, curves, outcome.epoch_seconds))
         log.info(
             "%s %-20s budget %-6s seed %d: %d labels, test acc %.4f",
-            *(data.name, group.label, group.budget.name, seed, len(subsets[seed])),
+            *(data.name, f"{group.label}/{strategy}", budget, seed, len(subsets[budget, seed])),
             outcome.test_acc,
         )
     return cells
@@ -388,6 +425,7 @@ class TargetGrid:
             except ValueError as err:
                 raise ParamsError(str(err)) from err
         budgets, notes = resolve_budgets(self.baseline.inputs["train"].y, cfg.fractions, cfg.shots)
+        budgets, seeds = tuple(budgets), tuple(cfg.seeds)
         for note in notes:  # the report repeats them
             log.warning("%s: %s", target, note)
         # the table's order: scratch, then each source's transfer strategies
@@ -403,25 +441,25 @@ class TargetGrid:
             for budget in budgets
             for seed in cfg.seeds
         ]
-        # the groups not finished yet, the most labels (the longest) first: parallel workers
-        # then end together rather than one waiting for the last big group
+        # the groups not finished yet: each source's strategies, scratch with the first's
+        transfer = tuple(s for s in cfg.strategies if s != "scratch")
+        groups = [
+            Group(source, ("scratch", *transfer) if i == 0 else transfer, budgets, seeds)
+            for i, source in enumerate(params.sources)
+        ]
         self.groups = [
-            Group(source, strategy, budget, tuple(cfg.seeds))
-            for budget in reversed(budgets)
-            for source, strategy in arms
-            if any(
-                (source, strategy, budget.name, seed) not in self.progress.cells
-                for seed in cfg.seeds
-            )
+            group
+            for group in groups
+            if group.strategies and any(key not in self.progress.cells for key in group.cells)
         ]
         # the grid's records, under the target's stage record once `open` (none before)
         self.records = GridRecords(Recorder(), self.inputs, cfg.freeze_blocks)
         self.batch_size = cfg.batch_size  # what a run's epoch costs in steps
 
     def data_for(self, group: Group) -> TargetData:
-        """What a group reads: its source's features and checkpoint (scratch: the first's
-        architecture)."""
-        return self.data[group.source] if group.source else self.baseline
+        """What a group reads: its source's features and checkpoint (scratch, with the first
+        source, builds the sources' common architecture)."""
+        return self.data[group.source]
 
     def open(self, parent: Recorder) -> None:
         """Open the target's stage record under `parent`, and record the cells a stopped

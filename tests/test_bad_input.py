@@ -169,12 +169,12 @@ BROKEN_FLOW = """
 import sys
 import tasks.finetune as finetune
 from tasks.data.datasets import DataError
-healthy = finetune.STRATEGIES["finetune"]
+healthy = finetune.train_cells
 def broken(data, *rest):
     if data.name == "broken":
         raise DataError(f"targets.broken: injected failure in {data.name}'s grid")
     return healthy(data, *rest)
-finetune.STRATEGIES["finetune"] = broken
+finetune.train_cells = broken
 from flows.pipeline import main
 main(sys.argv[1:])
 """

@@ -11,7 +11,7 @@ import torch
 
 from tasks.config.params import FinetuneParams, ModelParams
 from tasks.data.datasets import Labelled
-from tasks.finetune import STRATEGIES, TargetData
+from tasks.finetune import PROBE, STRATEGIES, TargetData, train_cells
 from tasks.learning.ensemble import fit_ensemble
 from tasks.models.classifier import (
     build_classifier,
@@ -74,17 +74,17 @@ def corrupt_test(data: TargetData) -> TargetData:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_choices_do_not_depend_on_the_test_split(data: TargetData, strategy: str) -> None:
-    subsets = {0: np.arange(0, 60, 2), 1: np.arange(1, 60, 2)}
-    cpu = torch.device("cpu")
-    honest = STRATEGIES[strategy](data, subsets, CFG, cpu)
-    corrupted = STRATEGIES[strategy](corrupt_test(data), subsets, CFG, cpu)
-    for seed in subsets:
-        assert honest[seed].hparams == corrupted[seed].hparams  # the same lr or l2 was chosen
-        assert honest[seed].val_acc == corrupted[seed].val_acc
-        assert [c.history for c in honest[seed].curves] == [
-            c.history for c in corrupted[seed].curves
+    subsets = {("b", 0): np.arange(0, 60, 2), ("b", 1): np.arange(1, 60, 2)}
+    honest = train_cells(data, [strategy], subsets, CFG, CPU)
+    corrupted = train_cells(corrupt_test(data), [strategy], subsets, CFG, CPU)
+    assert set(honest) == {(strategy, "b", 0), (strategy, "b", 1)}
+    for cell in honest:
+        assert honest[cell].hparams == corrupted[cell].hparams  # the same lr or l2 was chosen
+        assert honest[cell].val_acc == corrupted[cell].val_acc
+        assert [c.history for c in honest[cell].curves] == [
+            c.history for c in corrupted[cell].curves
         ]
-        assert honest[seed].test_acc != corrupted[seed].test_acc  # only the reported number moved
+        assert honest[cell].test_acc != corrupted[cell].test_acc  # only the reported number moved
 
 
 def test_a_fresh_input_layer_trains_at_the_heads_rate_and_is_never_frozen(
@@ -96,21 +96,58 @@ def test_a_fresh_input_layer_trains_at_the_heads_rate_and_is_never_frozen(
     three = {s: Labelled(np.repeat(d.x, 3, axis=1), d.y) for s, d in data.inputs.items()}
     seen = {}
 
-    def spy(members, val, cfg, lr_scale, vectorise):
+    def spy(members, cfg, vectorise):
         model = members[0].model
         seen["trains"] = {n for n, p in model.named_parameters() if p.requires_grad}
-        seen["scale"] = {n: lr_scale(n) for n, _ in model.named_parameters()}
-        return fit_ensemble(members, val, cfg, lr_scale, vectorise)
+        seen["scale"] = {n: members[0].rates.get(n, 1.0) for n, _ in model.named_parameters()}
+        return fit_ensemble(members, cfg, vectorise)
 
     monkeypatch.setattr(finetune, "fit_ensemble", spy)
     cfg = CFG.model_copy(update={"freeze_blocks": 1, "backbone_lr_scale": 0.1})
-    outcome = STRATEGIES["partial"](replace(data, inputs=three), {0: np.arange(30)}, cfg, CPU)
+    subsets = {("b", 0): np.arange(30)}
+    outcome = train_cells(replace(data, inputs=three), ["partial"], subsets, cfg, CPU)
     fresh = {"backbone.blocks.0.0.weight", "backbone.blocks.0.0.bias"}
     assert fresh <= seen["trains"]  # in the frozen block, yet trained
     assert {n for n in seen["scale"] if n.startswith("backbone.blocks.1")} <= seen["trains"]
     assert all(seen["scale"][n] == 1.0 for n in fresh | {"head.weight", "head.bias"})
     assert seen["scale"]["backbone.blocks.1.0.weight"] == 0.1  # pretrained: discriminative
-    assert outcome[0].val_acc > 1 / 3  # it learns through the fresh layer
+    assert outcome["partial", "b", 0].val_acc > 1 / 3  # it learns through the fresh layer
+
+
+def test_a_targets_network_cells_train_as_one_stack_and_the_probe_is_solved_once(
+    data: TargetData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.finetune as finetune
+
+    stacks, probes = [], []
+
+    def spy_ensemble(members, cfg, vectorise):
+        stacks.append([(m.lr, m.seed, len(m.train)) for m in members])
+        return fit_ensemble(members, cfg, vectorise)
+
+    def spy_probe(data, subset, cfg):
+        probes.append(len(subset))
+        return fit_probe(data, subset, cfg)
+
+    fit_probe = finetune._fit_probe
+    monkeypatch.setattr(finetune, "fit_ensemble", spy_ensemble)
+    monkeypatch.setattr(finetune, "_fit_probe", spy_probe)
+    # two budgets of other sizes (other steps per epoch), two seeds, every strategy
+    subsets = {
+        (budget, seed): np.random.default_rng(seed).permutation(60)[:size]
+        for budget, size in (("small", 12), ("large", 48))
+        for seed in (0, 1)
+    }
+    outcomes = train_cells(data, STRATEGIES, subsets, CFG, CPU)
+
+    assert set(outcomes) == {(s, *key) for s in STRATEGIES for key in subsets}
+    networks = [s for s in STRATEGIES if s != PROBE]
+    assert len(stacks) == 1  # every network strategy, budget, seed and lr: one ensemble
+    assert len(stacks[0]) == len(networks) * len(subsets) * len(CFG.lrs)
+    assert {size for _, _, size in stacks[0]} == {12, 48}
+    assert sorted(probes) == [12, 12, 48, 48]  # once per subset, for linear_probe and lp_ft
+    for key in subsets:  # LP-FT's head is the probe's solution of its own subset
+        assert outcomes["lp_ft", *key].hparams["l2"] == outcomes[PROBE, *key].hparams["l2"]
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -122,5 +159,5 @@ def test_every_strategy_takes_a_target_of_another_channel_count_and_length(
         return Labelled(np.repeat(np.concatenate([d.x, d.x[..., :20]], -1), 3, axis=1), d.y)
 
     other = replace(data, inputs={s: reshaped(d) for s, d in data.inputs.items()})
-    outcomes = STRATEGIES[strategy](other, {0: np.arange(30)}, CFG, CPU)
-    assert 0 <= outcomes[0].test_acc <= 1 and outcomes[0].val_acc > 0
+    outcome = train_cells(other, [strategy], {("b", 0): np.arange(30)}, CFG, CPU)[strategy, "b", 0]
+    assert 0 <= outcome.test_acc <= 1 and outcome.val_acc > 0

@@ -30,7 +30,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(
     workspace = make_workspace(tmp_path / "ws")
     monkeypatch.chdir(workspace)
     failures = []
-    probe = finetune_stage.STRATEGIES["linear_probe"]
+    probe = finetune_stage._fit_probe
 
     def flaky_probe(*args, **kwargs):
         if not failures:  # the first call fails, as a lost disk or node would
@@ -38,7 +38,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(
             raise OSError("transient failure injected by the test")
         return probe(*args, **kwargs)
 
-    monkeypatch.setitem(finetune_stage.STRATEGIES, "linear_probe", flaky_probe)
+    monkeypatch.setattr(finetune_stage, "_fit_probe", flaky_probe)
     markdown = transfer_study("params.yaml")
     assert failures == ["failed once"]
     assert "| target" in markdown

@@ -1,28 +1,38 @@
 """Many small training runs of one architecture, trained together as a vectorised ensemble.
 
-The fine-tuning grid is hundreds of runs of one small network that differ only in their seed,
-label subset and learning rate. Run one after another, each step of each run pays the same
+The fine-tuning grid is hundreds of runs of one small network that differ in their strategy,
+label subset, seed and learning rate. Run one after another, each step of each run pays the same
 per-operation overhead for a few kilobytes of arithmetic. Here the members' weights are stacked
-along a leading member axis and one `vmap`ped forward and backward (`torch.func.functional_call`)
-serves all of them per step.
+along a leading member axis and one forward and backward pass serves all of them per step:
+written out as grouped convolutions and batched matrix products for cnn1d and mlp
+(tasks/models/stacked.py), `vmap`ped over `torch.func.functional_call` for anything else.
 
 Each member keeps everything a separate run has: its own starting weights, training subset, data
-order (its own seeded generator, as in `tasks.learning.train.fit`), learning rate, Adam state
-and early stopping. A member whose patience runs out leaves the stack (its weights frozen at its
-best epoch), so the others run on without it. The result equals what `tasks.learning.train.fit`
-gives for each member alone, up to float rounding (tests/test_ensemble.py shows it); the
-rounding depends on the stack's size, so a member's last bits change with the company it keeps.
-Members must share an architecture and which parameters train; members with training sets of
-different sizes take different numbers of steps per epoch, so they train in separate stacks.
+order (its own seeded generator, as in `tasks.learning.train.fit`), which parameters train, a
+learning rate per parameter, Adam state and early stopping. So one stack holds a target's
+strategies (scratch, fine-tuning, partial) at every label budget:
+- **Subsets of different sizes.** The members sit in the stack by their steps per epoch, most
+  first; step s of an epoch runs the first members only, those whose epoch has a step s (a
+  prefix of the stack: views, no copies). A member whose epoch is over takes no step, and its
+  Adam step count, which sets its bias correction, is its own. Every epoch ends with every
+  member's validation score at once.
+- **Frozen parameters.** A parameter that some members freeze is stacked for all; the frozen
+  members' gradient is zeroed (after weight decay), so their Adam moments stay zero, as a run
+  that never trained it has none, and the update is zero: the weight never moves.
+- **Early stopping.** A member whose patience runs out leaves the stack (its weights frozen at
+  its best epoch), so the others run on without it.
+
+The result equals what `tasks.learning.train.fit` gives for each member alone, up to float
+rounding (tests/test_ensemble.py shows it); the rounding depends on the stack's size, so a
+member's last bits change with the company it keeps.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from itertools import groupby
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +40,19 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from tasks.config.params import TrainParams
-from tasks.learning.train import SUPERVISED, DeviceData, FitResult, Objective, autocast, fit
+from tasks.learning.train import (
+    SUPERVISED,
+    DeviceData,
+    FitResult,
+    Objective,
+    autocast,
+    fit,
+)
+from tasks.models.stacked import stackable, stacked_logits
 
 # torch.optim.Adam's defaults, which `tasks.learning.train.fit` uses
 BETAS, EPS = (0.9, 0.999), 1e-8
+EVAL_MEMBER_EXAMPLES = 4096  # validation examples x members in one stacked forward pass
 
 Weights = dict[str, torch.Tensor]  # parameter name -> (M, *shape): one slice per member
 
@@ -44,108 +63,140 @@ class Member:
 
     model: nn.Module  # starting weights; parameters with requires_grad False stay fixed
     train: DeviceData  # this run's training subset
-    lr: float  # its learning rate, scaled per parameter by `lr_scale`
+    val: DeviceData  # what early stopping watches (the members of one stack share it)
+    lr: float  # its learning rate, times `rates` per parameter
     seed: int  # its data order
+    # each parameter's learning rate as a multiple of `lr` (discriminative rates); absent: 1
+    rates: Mapping[str, float] = field(default_factory=dict)
     # what its batches feed the model: their labels, or augmented images (one after another
     # only: the stack trains on labels)
     objective: Objective = SUPERVISED
 
 
 def fit_ensemble(
-    members: list[Member],
-    val: DeviceData,
-    cfg: TrainParams,
-    lr_scale: Callable[[str], float] = lambda name: 1.0,
-    vectorise: bool = True,
+    members: list[Member], cfg: TrainParams, vectorise: bool = True
 ) -> list[tuple[FitResult, nn.Module]]:
     """Train every member as `tasks.learning.train.fit` would (Adam, early stopping on validation
     accuracy, ties to the lower loss, best epoch's weights kept) and return, in the members'
     order, each one's result and trained copy of its model. The members' models are not
-    modified. `lr_scale(name)` multiplies a member's lr for the parameter `name` (discriminative
-    learning rates). `vectorise` False runs them through `fit` one after another instead: where
-    a member's step is bound by arithmetic, not overhead, stacking does not pay (a text
+    modified. `vectorise` True trains them all as one stack, which needs one architecture,
+    one validation split and labels as targets; False runs them through `fit` one after another:
+    where a member's step is bound by arithmetic, not overhead, stacking does not pay (a text
     encoder on CPU: 1.2x slower stacked, bench/text_ensemble.py)."""
     if not vectorise:
-        return [_fit_alone(member, val, cfg, lr_scale) for member in members]
-    results: dict[int, tuple[FitResult, nn.Module]] = {}
-    by_size = sorted(range(len(members)), key=lambda i: len(members[i].train))
-    for _, group in groupby(by_size, key=lambda i: len(members[i].train)):
-        indices = list(group)
-        stack = _Stack([members[i] for i in indices], cfg, lr_scale)
-        for i, outcome in zip(indices, stack.fit(val), strict=True):
-            results[i] = outcome
-    return [results[i] for i in range(len(members))]
+        return [_fit_alone(member, cfg) for member in members]
+    return _Stack(members, cfg).fit()
 
 
-def _fit_alone(
-    member: Member, val: DeviceData, cfg: TrainParams, lr_scale: Callable[[str], float]
-) -> tuple[FitResult, nn.Module]:
-    """One member through `fit`, with one Adam parameter group per learning-rate scale."""
+def _fit_alone(member: Member, cfg: TrainParams) -> tuple[FitResult, nn.Module]:
+    """One member through `fit`, with one Adam parameter group per learning-rate multiple."""
     model = copy.deepcopy(member.model).to(member.train.y.device)
     groups: dict[float, list[torch.Tensor]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            groups.setdefault(lr_scale(name), []).append(param)
-    param_groups = [{"params": ps, "lr": member.lr * scale} for scale, ps in groups.items()]
+            groups.setdefault(member.rates.get(name, 1.0), []).append(param)
+    param_groups = [{"params": ps, "lr": member.lr * rate} for rate, ps in groups.items()]
     result = fit(
-        model, param_groups, member.train, val, cfg, seed=member.seed, objective=member.objective
+        model, param_groups, member.train, member.val, cfg, member.seed, objective=member.objective
     )
     return result, model
 
 
-def _trainable(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+def _per_member(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    """(M,) values as (M, 1, ..., 1): broadcast over each member's slice of `like` (M, ...)."""
+    return torch.tensor(values, device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
 class _Stack:
-    """Members with training sets of one size, trained in lockstep until each one stops."""
+    """The members in lockstep epochs until each one stops; slot order: most steps first."""
 
-    def __init__(self, members: list[Member], cfg: TrainParams, lr_scale: Callable[[str], float]):
+    def __init__(self, members: list[Member], cfg: TrainParams):
         if any(member.objective is not SUPERVISED for member in members):
             raise ValueError("a stack trains on labels only; fit other objectives alone")
-        self.members, self.cfg = members, cfg
-        first = members[0].model
+        if any(member.val is not members[0].val for member in members):
+            raise ValueError("the members of a stack share one validation split")
+        self.cfg, self.val = cfg, members[0].val
+        batch = cfg.batch_size
+        # slots by steps per epoch, most first (stable: ties keep the members' order)
+        self.order_of = sorted(range(len(members)), key=lambda i: -len(members[i].train))
+        self.members = [members[i] for i in self.order_of]
         self.device = members[0].train.y.device
+        first = self.members[0].model
         # structure only: functional_call swaps in the stacked weights, so it holds no data
         self.template = copy.deepcopy(first).to("meta")
-        self.trainable = _trainable(first)
-        if any(_trainable(m.model) != self.trainable for m in members):
-            raise ValueError("ensemble members train different parameters; stack them apart")
+        # cnn1d and mlp: their stacked forward written out (tasks/models/stacked.py); any
+        # other architecture through vmap
+        self.written_out = stackable(first)
+        names = [name for name, _ in first.named_parameters()]
+        trains = [
+            {n for n, p in m.model.named_parameters() if p.requires_grad} for m in self.members
+        ]
+        self.trainable = [name for name in names if any(name in t for t in trains)]
         self.weights: Weights = {
-            name: torch.stack([dict(m.model.named_parameters())[name].detach() for m in members])
+            name: torch.stack(
+                [dict(m.model.named_parameters())[name].detach() for m in self.members]
+            )
             .to(self.device)
             .requires_grad_(name in self.trainable)
-            for name, _ in first.named_parameters()
+            for name in names
         }
-        self.x = torch.stack([m.train.x for m in members])  # (M, N, C, L)
-        self.y = torch.stack([m.train.y for m in members])  # (M, N)
-        lrs = torch.tensor([m.lr for m in members], device=self.device)  # (M,)
-        # per trainable parameter: (M, 1, ..., 1), broadcast over that parameter's shape
+        # frozen for some members only: their gradient is zeroed, (M, 1, ..., 1) of 0 or 1
+        self.masks = {
+            name: _per_member([float(name in t) for t in trains], self.weights[name])
+            for name in self.trainable
+            if not all(name in t for t in trains)
+        }
         self.lrs = {
-            name: (lrs * lr_scale(name)).view(-1, *[1] * (self.weights[name].dim() - 1))
+            name: _per_member(
+                [
+                    m.lr * m.rates.get(name, 1.0) * (name in t)
+                    for m, t in zip(self.members, trains, strict=True)
+                ],
+                self.weights[name],
+            )
             for name in self.trainable
         }
         self.exp_avg = {name: torch.zeros_like(self.weights[name]) for name in self.trainable}
         self.exp_avg_sq = {name: torch.zeros_like(self.weights[name]) for name in self.trainable}
-        self.order_rngs = [torch.Generator().manual_seed(m.seed) for m in members]
-        self.active = list(range(len(members)))  # member index of each slice of the stack
-        self.best = {name: w.detach().clone() for name, w in self.weights.items()}  # by member
+        # each member's own step count; float64, as Adam's bias correction in Python floats
+        self.adam_steps = torch.zeros(len(members), dtype=torch.float64, device=self.device)
+        # training sets padded to the largest; padding is never read (see _train_epoch)
+        self.sizes = [len(m.train) for m in self.members]
+        longest = self.sizes[0]
+        self.x = torch.stack([_pad(m.train.x, longest) for m in self.members])  # (M, N, C, L)
+        self.y = torch.stack([_pad(m.train.y, longest) for m in self.members])  # (M, N)
+        # per example: 1 / the size of its batch in its member's epoch, 0 past the member's end,
+        # so a batch's weighted sum is its member's mean loss, as `fit` takes it   (M, N)
+        position = torch.arange(longest)
+        self.example_weight = torch.stack(
+            [
+                torch.where(
+                    position < n, 1 / torch.clamp(n - position // batch * batch, max=batch), 0
+                )
+                for n in self.sizes
+            ]
+        ).to(self.device)
+        self.order_rngs = [torch.Generator().manual_seed(m.seed) for m in self.members]
+        self.active = list(range(len(members)))  # the slot of each row of the stack
+        self.best = {name: w.detach().clone() for name, w in self.weights.items()}  # by slot
         self.best_score = [(-1.0, -float("inf"))] * len(members)  # (val acc, -val loss)
         self.best_epoch = [-1] * len(members)
         self.history: list[list[dict[str, float]]] = [[] for _ in members]
         self.epoch_ends: list[list[float]] = [[] for _ in members]
-        self.steps = 0
 
-    def _logits(self, weights: Weights, x: torch.Tensor, shared_x: bool) -> torch.Tensor:
-        """x: (M, B, C, L), or (B, C, L) for all members when `shared_x` -> (M, B, K)."""
-
-        def one(w: Weights, xb: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.template, w, (xb,))
-
+    def _logits(self, weights: Weights, x: torch.Tensor) -> torch.Tensor:
+        """x: (A, B, C, L), or (B, C, L): one batch for every member -> (A, B, K)."""
         with autocast(self.device):
-            return vmap(one, in_dims=(0, None if shared_x else 0))(weights, x).float()
+            if self.written_out:
+                return stacked_logits(self.template, weights, x).float()
 
-    def fit(self, val: DeviceData) -> list[tuple[FitResult, nn.Module]]:
+            def one(w: Weights, xb: torch.Tensor) -> torch.Tensor:
+                return functional_call(self.template, w, (xb,))
+
+            shared = x.dim() < self.x.dim()
+            return vmap(one, in_dims=(0, None if shared else 0))(weights, x).float()
+
+    def fit(self) -> list[tuple[FitResult, nn.Module]]:
         cfg = self.cfg
         for epoch in range(cfg.max_epochs):
             # early stopping, per member, by the rule `fit` applies at the start of an epoch
@@ -153,100 +204,151 @@ class _Stack:
             if not self.active:
                 break
             train_loss = self._train_epoch()  # (A,)
-            val_loss, val_correct = self._evaluate(val, max(cfg.batch_size, 1024))  # (A,), (A,)
+            val_loss, val_correct = self._evaluate()  # (A,), (A,)
             # the one host sync of the epoch: every member's three numbers at once
             rows = torch.stack([train_loss, val_loss, val_correct], 1).tolist()
             ended = time.time()
-            slots, improved = [], []  # stack positions and member indices of the improved
-            for slot, (i, (loss, v_loss, v_correct)) in enumerate(
+            rows_improved, improved = [], []  # rows of the stack and slots of the improved
+            for row, (i, (loss, v_loss, v_correct)) in enumerate(
                 zip(self.active, rows, strict=True)
             ):
-                v_acc = v_correct / len(val)  # an exact count / N in float64
+                v_acc = v_correct / len(self.val)  # an exact count / N in float64
                 self.history[i].append({"train/loss": loss, "val/loss": v_loss, "val/acc": v_acc})
                 self.epoch_ends[i].append(ended)
                 if (v_acc, -v_loss) > self.best_score[i]:
                     self.best_score[i], self.best_epoch[i] = (v_acc, -v_loss), epoch
-                    slots.append(slot)
+                    rows_improved.append(row)
                     improved.append(i)
             if improved:
-                at, to = (torch.tensor(ix, device=self.device) for ix in (slots, improved))
+                at, to = (torch.tensor(ix, device=self.device) for ix in (rows_improved, improved))
                 for name, w in self.weights.items():
                     self.best[name].index_copy_(0, to, w.detach().index_select(0, at))
-        return [self._result(i) for i in range(len(self.members))]
+        results = [self._result(slot) for slot in range(len(self.members))]
+        by_member = [None] * len(results)
+        for slot, i in enumerate(self.order_of):
+            by_member[i] = results[slot]
+        return by_member
 
     def _keep(self, keep: list[int]) -> None:
-        """Drop the members not in `keep` from the stack: weights, Adam state, data, lrs."""
+        """Drop the slots not in `keep` from the stack: weights, Adam state, data, rates. The
+        rows keep their order, so the stack stays sorted by steps per epoch."""
         if keep == self.active:
             return
-        slots = torch.tensor(
+        rows = torch.tensor(
             [self.active.index(i) for i in keep], dtype=torch.long, device=self.device
         )
-        for state in (self.exp_avg, self.exp_avg_sq, self.lrs):
+        for state in (self.exp_avg, self.exp_avg_sq, self.lrs, self.masks):
             for name in state:
-                state[name] = state[name].index_select(0, slots)
+                state[name] = state[name].index_select(0, rows)
         self.weights = {
-            name: w.detach().index_select(0, slots).requires_grad_(name in self.trainable)
+            name: w.detach().index_select(0, rows).requires_grad_(name in self.trainable)
             for name, w in self.weights.items()
         }
-        self.x, self.y = self.x.index_select(0, slots), self.y.index_select(0, slots)
+        self.x, self.y = self.x.index_select(0, rows), self.y.index_select(0, rows)
+        self.example_weight = self.example_weight.index_select(0, rows)
+        self.adam_steps = self.adam_steps.index_select(0, rows)
         self.active = keep
 
     def _train_epoch(self) -> torch.Tensor:
         """One epoch for every active member; returns each one's mean training loss (A,)."""
-        n, batch = self.y.shape[1], self.cfg.batch_size
-        # each member's permutation from its own generator: the order its own run would see
-        order = torch.stack([torch.randperm(n, generator=self.order_rngs[i]) for i in self.active])
+        batch, sizes = self.cfg.batch_size, [self.sizes[i] for i in self.active]
+        longest = sizes[0]
+        # each member's permutation from its own generator: the order its own run would see,
+        # padded with index 0 (weight 0) to the longest
+        order = torch.zeros(len(sizes), longest, dtype=torch.long)
+        for row, i in enumerate(self.active):
+            order[row, : sizes[row]] = torch.randperm(sizes[row], generator=self.order_rngs[i])
         order = order.to(self.device)  # (A, N)
         rows = torch.arange(len(self.active), device=self.device)[:, None]  # (A, 1)
         loss_sum = torch.zeros(len(self.active), device=self.device)
-        params = [self.weights[name] for name in self.trainable]
-        for start in range(0, n, batch):
-            index = order[:, start : start + batch]  # (A, B)
-            logits = self._logits(self.weights, self.x[rows, index], shared_x=False)  # (A, B, K)
-            # (A, B) per-example losses -> (A,) per-member means: member i's gradient comes
-            # from its own mean alone, as in its own run
-            losses = F.cross_entropy(logits.transpose(1, 2), self.y[rows, index], reduction="none")
-            losses = losses.mean(1)
+        for start in range(0, longest, batch):
+            taking = sum(size > start for size in sizes)  # the first rows: sizes descend
+            index = order[:taking, start : start + batch]  # (T, B)
+            weights = {name: w[:taking] for name, w in self.weights.items()}
+            logits = self._logits(weights, self.x[rows[:taking], index])
+            # (T, B) per-example losses -> (T,) per-member means over their own batches: member
+            # i's gradient comes from its own mean alone, as in its own run
+            losses = F.cross_entropy(
+                logits.transpose(1, 2), self.y[rows[:taking], index], reduction="none"
+            )
+            share = self.example_weight[:taking, start : start + index.shape[1]]  # (T, B)
+            losses = (losses * share).sum(1)
+            params = [weights[name] for name in self.trainable]
             grads = torch.autograd.grad(losses.sum(), params)
-            self._adam_step(params, list(grads))
-            loss_sum += losses.detach() * index.shape[1]
-        return loss_sum / n
+            self._adam_step(taking, params, list(grads))
+            taken = (share > 0).sum(1)  # the batch's size for each member
+            loss_sum[:taking] += losses.detach() * taken
+        return loss_sum / torch.tensor(sizes, device=self.device)
 
     @torch.no_grad()
-    def _adam_step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _adam_step(
+        self, taking: int, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
         """torch.optim.Adam's update (L2 weight decay added to the gradient, bias-corrected
-        moments), with a learning rate per member: slice i of each tensor is member i's."""
-        self.steps += 1
+        moments) of the stack's first `taking` rows, with learning rates and step counts per
+        member: row i of each tensor is a member's."""
         (beta1, beta2), decay = BETAS, self.cfg.weight_decay
-        correction1, correction2 = 1 - beta1**self.steps, (1 - beta2**self.steps) ** 0.5
-        for name, param, grad in zip(self.trainable, params, grads, strict=True):
-            if decay:
-                grad = grad.add(param, alpha=decay)
-            self.exp_avg[name].lerp_(grad, 1 - beta1)
-            self.exp_avg_sq[name].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (self.exp_avg_sq[name].sqrt() / correction2).add_(EPS)
-            param.sub_(self.lrs[name] / correction1 * self.exp_avg[name] / denom)
+        self.adam_steps[:taking] += 1
+        steps = self.adam_steps[:taking]
+        correction1 = (1 - beta1**steps).float()  # (T,)
+        correction2 = (1 - beta2**steps).sqrt().float()
+        # per parameter: (T, 1, ..., 1), broadcast over its shape
+        shapes = [(-1, *[1] * (param.dim() - 1)) for param in params]
+        if decay:
+            grads = torch._foreach_add(grads, params, alpha=decay)
+        grads = [  # frozen members: no gradient, so no moment and no update
+            grad * self.masks[name][:taking] if name in self.masks else grad
+            for name, grad in zip(self.trainable, grads, strict=True)
+        ]
+        # one kernel launch per operation for all parameters (torch.optim.Adam's foreach path)
+        exp_avgs = [self.exp_avg[name][:taking] for name in self.trainable]
+        exp_avg_sqs = [self.exp_avg_sq[name][:taking] for name in self.trainable]
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, [correction2.view(shape) for shape in shapes])
+        torch._foreach_add_(denoms, EPS)
+        updates = torch._foreach_div(exp_avgs, denoms)
+        step_sizes = [
+            self.lrs[name][:taking] / correction1.view(shape)
+            for name, shape in zip(self.trainable, shapes, strict=True)
+        ]
+        torch._foreach_mul_(updates, step_sizes)
+        torch._foreach_sub_(params, updates)
 
     @torch.no_grad()
-    def _evaluate(self, data: DeviceData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every active member's mean cross-entropy and count of correct predictions on `data`:
-        (A,), (A,)."""
-        loss_sum = torch.zeros(len(self.active), device=self.device)
-        correct = torch.zeros(len(self.active), device=self.device)
-        for start in range(0, len(data), batch_size):
-            x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
-            logits = self._logits(self.weights, x, shared_x=True)  # (A, B, K)
+    def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every active member's mean cross-entropy and count of correct predictions on the
+        validation split: (A,), (A,). In chunks of about EVAL_MEMBER_EXAMPLES / A examples:
+        the activations of every member then stay in cache (54 members of the default cnn1d
+        scored 450 examples 3x faster in chunks of 64 than in one of 450)."""
+        data, active = self.val, len(self.active)
+        chunk = max(16, EVAL_MEMBER_EXAMPLES // active)
+        loss_sum = torch.zeros(active, device=self.device)
+        correct = torch.zeros(active, device=self.device)
+        for start in range(0, len(data), chunk):
+            x, y = data.x[start : start + chunk], data.y[start : start + chunk]
+            logits = self._logits(self.weights, x)  # (A, B, K)
             loss_sum += F.cross_entropy(
-                logits.transpose(1, 2), y.expand(len(self.active), -1), reduction="none"
+                logits.transpose(1, 2), y.expand(active, -1), reduction="none"
             ).sum(1)
             correct += (logits.argmax(2) == y).sum(1)
         return loss_sum / len(data), correct
 
-    def _result(self, i: int) -> tuple[FitResult, nn.Module]:
-        model = copy.deepcopy(self.members[i].model).to(self.device)
+    def _result(self, slot: int) -> tuple[FitResult, nn.Module]:
+        model = copy.deepcopy(self.members[slot].model).to(self.device)
         with torch.no_grad():
             for name, param in model.named_parameters():
-                param.copy_(self.best[name][i])
-        acc, neg_loss = self.best_score[i]
-        result = FitResult(self.best_epoch[i], acc, -neg_loss, self.history[i], self.epoch_ends[i])
+                param.copy_(self.best[name][slot])
+        acc, neg_loss = self.best_score[slot]
+        result = FitResult(
+            self.best_epoch[slot], acc, -neg_loss, self.history[slot], self.epoch_ends[slot]
+        )
         return result, model
+
+
+def _pad(values: torch.Tensor, length: int) -> torch.Tensor:
+    """(n, ...) -> (length, ...), zeros after the first n."""
+    padding = values.new_zeros(length - len(values), *values.shape[1:])
+    return torch.cat([values, padding])
