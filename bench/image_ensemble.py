@@ -90,7 +90,7 @@ class BufferedStack(_Stack):
     def __init__(self, members: list[Member], cfg: TrainParams):
         super().__init__(members, cfg)
         self.buffers = {
-            name: torch.stack([dict(m.model.named_buffers())[name] for m in members])
+            name: torch.stack([dict(m.model.named_buffers())[name] for m in self.members])
             for name, _ in members[0].model.named_buffers()
         }
 
@@ -101,7 +101,7 @@ class BufferedStack(_Stack):
         dims = (
             0,
             0,
-            None if x.dim() == self.x.dim() - 1 else 0,
+            None if x.dim() == self.pool_x.dim() else 0,
         )  # one batch for all, or each its own
         with autocast(self.device):
             return vmap(one, in_dims=dims)(weights, self.buffers, x).float()
@@ -116,7 +116,7 @@ def bare_stack_error(members: list[Member]) -> tuple[str, str]:
         if real_buffers:
             stack.template = copy.deepcopy(members[0].model)
         try:
-            stack._logits(stack.weights, stack.x[:, :BATCH])
+            stack._logits(stack.weights, stack.examples(slice(0, BATCH))[0])
             errors.append("none: it runs")
         except Exception as err:  # the point: which error, in one line
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
@@ -147,8 +147,9 @@ def stacked(members: list[Member], steps: int) -> BufferedStack:
     params = [stack.weights[name] for name in stack.trainable]
     for step in range(steps):
         batch = slice(step * BATCH, (step + 1) * BATCH)
-        logits = stack._logits(stack.weights, stack.x[:, batch])  # (M, B, K)
-        losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, batch], reduction="none")
+        x, y = stack.examples(batch)
+        logits = stack._logits(stack.weights, x)  # (M, B, K)
+        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         grads = torch.autograd.grad(losses.mean(1).sum(), params)
         stack._adam_step(len(members), params, list(grads))
     return stack
@@ -160,8 +161,9 @@ def first_gradients(members: list[Member]) -> float:
     stack = BufferedStack(members, TrainParams(batch_size=BATCH))
     stack.template.train()
     params = [stack.weights[name] for name in stack.trainable]
-    logits = stack._logits(stack.weights, stack.x[:, :BATCH])
-    losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, :BATCH], reduction="none")
+    x, y = stack.examples(slice(0, BATCH))
+    logits = stack._logits(stack.weights, x)
+    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
     grads = torch.autograd.grad(losses.mean(1).sum(), params)
     by_name = dict(zip(stack.trainable, grads, strict=True))
     worst = 0.0

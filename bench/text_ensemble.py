@@ -69,8 +69,9 @@ def stacked(members: list[Member], steps: int) -> _Stack:
     params = [stack.weights[name] for name in stack.trainable]
     for step in range(steps):
         batch = slice(step * BATCH, (step + 1) * BATCH)
-        logits = stack._logits(stack.weights, stack.x[:, batch])  # (M, B, K)
-        losses = F.cross_entropy(logits.transpose(1, 2), stack.y[:, batch], reduction="none")
+        x, y = stack.examples(batch)
+        logits = stack._logits(stack.weights, x)  # (M, B, K)
+        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")
         grads = torch.autograd.grad(losses.mean(1).sum(), params)
         stack._adam_step(len(members), params, list(grads))
     return stack

@@ -71,7 +71,7 @@ synthesize_task = _stage(synthesize, name="synthesize", task_run_name="synthesiz
 prepare_task = _stage(prepare, name="prepare", task_run_name="prepare")
 pretrain_task = _stage(pretrain, name="pretrain", task_run_name="pretrain/{source}")
 extract_task = _stage(extract, name="extract", task_run_name="extract/{target}")
-train_group_task = _stage(train_group, name="finetune", task_run_name="{data.name}/{group.label}")
+train_group_task = _stage(train_group, name="finetune", task_run_name="{data.name}/{group.source}")
 compare_task = _stage(compare, name="compare", task_run_name="compare")
 
 

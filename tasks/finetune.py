@@ -157,13 +157,14 @@ class Network:
     start: Callable[[TargetData, int, ProbeResult | None], Start]
     transfer: bool = True  # pretrained layers at the discriminative rate
     frozen_blocks: Callable[[FinetuneParams], int] = lambda cfg: 0
+    probed: bool = False  # starts from the probe of its label subset (else from its seed only)
 
 
 PROBE = "linear_probe"  # logistic regression on the cached features; the seed draws the subset
 NETWORKS: dict[str, Network] = {
     "scratch": Network(_scratch_start, transfer=False),
     "finetune": Network(_pretrained_start),
-    "lp_ft": Network(_probed_start),
+    "lp_ft": Network(_probed_start, probed=True),
     "partial": Network(_pretrained_start, frozen_blocks=lambda cfg: cfg.freeze_blocks),
 }
 STRATEGIES = (PROBE, *NETWORKS)
@@ -203,6 +204,17 @@ def _inputs_from_frozen(
     }
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """A network cell before training: what each of its runs (one per lr) starts from."""
+
+    network: Network
+    start: Start
+    train: DeviceData  # its label subset (shared by the cells of that subset)
+    splits: dict[str, DeviceData]  # val and test (shared by the strategies that read them)
+    seed: int
+
+
 def train_cells(
     data: TargetData,
     strategies: Iterable[str],
@@ -216,6 +228,10 @@ def train_cells(
     Each network cell tries every lr of `cfg.lrs`, chosen on validation; all of them, every
     network strategy's at every subset, train as one vectorised ensemble where the backbone
     allows it (tasks/learning/ensemble.py), else one cell's runs after another.
+
+    A cell's `epoch_seconds`: its share of the training time per epoch. Runs that train
+    together are charged by their optimizer steps (an epoch of 2,100 labels takes 33 steps of
+    64, one of 21 labels one step), and lp_ft's epochs carry its probe's seconds too.
     """
     strategies = list(strategies)
     probes: dict[tuple[str, int], tuple[ProbeResult, float]] = {}  # and its seconds
@@ -230,65 +246,113 @@ def train_cells(
         for key, (probe, seconds) in probes.items()
         if PROBE in strategies
     }
-    # images: the same for every network strategy
-    transform = build_augmentation(
-        cfg.augment, "finetune.augment", data.inputs["train"].x.shape[1:]
-    )
-    on_device: dict[int, dict[str, DeviceData]] = {}  # val and test, by the inputs they are of
-    runs: dict[CellKey, list[Member]] = {}  # a cell's runs: one per lr
-    tests: dict[CellKey, DeviceData] = {}
-    hparams: dict[CellKey, dict[str, float]] = {}
-    for strategy in (s for s in strategies if s in NETWORKS):
-        network = NETWORKS[strategy]
-        starts = {key: network.start(data, key[1], probes.get(key, (None,))[0]) for key in subsets}
-        inputs = _inputs_from_frozen(data, starts.values(), network.frozen_blocks(cfg), device)
-        splits = on_device.setdefault(
-            id(inputs), {s: DeviceData.from_arrays(inputs[s], device) for s in ("val", "test")}
-        )
-        for (budget, seed), subset in subsets.items():
-            cell = (strategy, budget, seed)
-            train = DeviceData.from_arrays(inputs["train"].take(subset), device)
-            objective = Augmented(SUPERVISED, transform, seed) if transform else SUPERVISED
-            tests[cell], hparams[cell] = splits["test"], starts[budget, seed].hparams
-            runs[cell] = []
-            for lr in cfg.lrs:
-                model = copy.deepcopy(starts[budget, seed].model)
-                freeze_lower(model, network.frozen_blocks(cfg))
-                for name, param in model.named_parameters():
-                    param.requires_grad_(param.requires_grad or name in model.fresh)
-                rates = rate_scales(model, cfg, network.transfer)
-                runs[cell].append(Member(model, train, splits["val"], lr, seed, rates, objective))
-    if not runs:
+    solved = {key: probe for key, (probe, _) in probes.items()}
+    plans = _plan_networks(data, strategies, subsets, solved, cfg, device)
+    if not plans:
         return outcomes
     vectorise = data.checkpoint["arch"]["name"] in VECTORISED
-    # one stack for every run; else one cell's runs at a time (a large model's trained copies
-    # are not all kept at once)
-    batches = [list(runs)] if vectorise else [[cell] for cell in runs]
+    # one stack for every run; else one cell's runs at a time (a large model's copies are
+    # made, trained and dropped a cell at a time)
+    batches = [list(plans)] if vectorise else [[cell] for cell in plans]
+    # images: the same augmentation for every network strategy
+    shape = data.inputs["train"].x.shape[1:]
+    transform = build_augmentation(cfg.augment, "finetune.augment", shape)
     for cells in batches:
-        members = [member for cell in cells for member in runs[cell]]
+        runs = {cell: _runs(plans[cell], cfg, transform) for cell in cells}
         started = time.perf_counter()
-        fitted = fit_ensemble(members, cfg, vectorise)
-        epoch_seconds = (time.perf_counter() - started) / sum(len(r.history) for r, _ in fitted)
+        fitted = fit_ensemble([member for cell in cells for member in runs[cell]], cfg, vectorise)
+        steps = sum(
+            len(result.history) * _steps(len(member.train), cfg)
+            for member, (result, _) in zip(
+                (m for cell in cells for m in runs[cell]), fitted, strict=True
+            )
+        )
+        step_seconds = (time.perf_counter() - started) / max(steps, 1)
         fitted = iter(fitted)
         for cell in cells:
             tried = [(*next(fitted), member.lr) for member in runs[cell]]
             # the lr with the best validation score (ties: the first in cfg.lrs)
             result, model, lr = max(tried, key=lambda candidate: candidate[0].score)
-            test_acc = evaluate(model, tests[cell], 1024)["acc"]  # scored once, after the choice
+            test = plans[cell].splits["test"]
+            test_acc = evaluate(model, test, 1024)["acc"]  # scored once, after the choice
             curves = [
                 Curve(lr_, r.history, r.epoch_ends, r.best_epoch, r.best_val_acc)
                 for r, _, lr_ in tried
             ]
+            epoch_seconds = step_seconds * _steps(len(plans[cell].train), cfg)
+            if cell[0] == "lp_ft":  # its probe, solved for it too, spread over its epochs
+                epoch_seconds += probes[cell[1:]][1] / len(result.history)
             outcomes[cell] = Outcome(
                 result.best_val_acc,
                 result.best_val_loss,
                 test_acc,
-                {"lr": lr, **hparams[cell]},
+                {"lr": lr, **plans[cell].start.hparams},
                 result.best_epoch,
                 curves,
                 epoch_seconds,
             )
     return outcomes
+
+
+def _steps(labels: int, cfg: FinetuneParams) -> int:
+    """Optimizer steps in an epoch of `labels` examples."""
+    return -(-labels // cfg.batch_size)
+
+
+def _plan_networks(
+    data: TargetData,
+    strategies: list[str],
+    subsets: dict[tuple[str, int], np.ndarray],
+    probes: dict[tuple[str, int], ProbeResult],
+    cfg: FinetuneParams,
+    device: torch.device,
+) -> dict[CellKey, _Plan]:
+    """Each network cell's start, training subset and splits, on the training device; a subset
+    (and val and test) is put there once for every cell that reads it."""
+    on_device: list[tuple[dict[str, Labelled], dict[str, DeviceData]]] = []  # inputs, splits
+    trains: dict[tuple[int, bytes], DeviceData] = {}  # by (inputs, subset)
+    plans = {}
+    for strategy in (s for s in strategies if s in NETWORKS):
+        network = NETWORKS[strategy]
+        # one start per seed (per subset when it starts from the subset's probe)
+        made: dict[tuple[int, tuple[str, int] | None], Start] = {}
+        starts = {}
+        for key in subsets:
+            origin = (key[1], key if network.probed else None)
+            if origin not in made:
+                made[origin] = network.start(data, key[1], probes.get(key))
+            starts[key] = made[origin]
+        inputs = _inputs_from_frozen(data, made.values(), network.frozen_blocks(cfg), device)
+        found = next((i for i, (seen, _) in enumerate(on_device) if seen is inputs), None)
+        if found is None:
+            found = len(on_device)
+            splits = {s: DeviceData.from_arrays(inputs[s], device) for s in ("val", "test")}
+            on_device.append((inputs, splits))
+        splits = on_device[found][1]
+        for (budget, seed), subset in subsets.items():
+            train = trains.get((found, subset.tobytes()))
+            if train is None:
+                train = DeviceData.from_arrays(inputs["train"].take(subset), device)
+                trains[found, subset.tobytes()] = train
+            plans[strategy, budget, seed] = _Plan(
+                network, starts[budget, seed], train, splits, seed
+            )
+    return plans
+
+
+def _runs(plan: _Plan, cfg: FinetuneParams, transform: torch.nn.Module | None) -> list[Member]:
+    """A network cell's runs, one per lr, each from its own copy of the start; `transform`
+    augments its training images (None: none)."""
+    objective = Augmented(SUPERVISED, transform, plan.seed) if transform else SUPERVISED
+    runs = []
+    for lr in cfg.lrs:
+        model = copy.deepcopy(plan.start.model)
+        freeze_lower(model, plan.network.frozen_blocks(cfg))
+        for name, param in model.named_parameters():
+            param.requires_grad_(param.requires_grad or name in model.fresh)
+        rates = rate_scales(model, cfg, plan.network.transfer)
+        runs.append(Member(model, plan.train, plan.splits["val"], lr, plan.seed, rates, objective))
+    return runs
 
 
 @dataclass(frozen=True)
@@ -303,11 +367,6 @@ class Group:
     seeds: tuple[int, ...]
 
     @property
-    def label(self) -> str:
-        """How task runs and logs name it: its source."""
-        return self.source
-
-    @property
     def cells(self) -> list[tuple[str, str, str, int]]:
         """Its cells' keys, (source, strategy, budget, seed)."""
         return [
@@ -316,6 +375,27 @@ class Group:
             for budget in self.budgets
             for seed in self.seeds
         ]
+
+
+def grid_groups(
+    sources: Iterable[str],
+    strategies: Iterable[str],
+    budgets: tuple[Budget, ...],
+    seeds: tuple[int, ...],
+    finished: set[tuple[str, str, str, int]],
+) -> list[Group]:
+    """A target's groups not `finished` yet (a cell key of every group's in it: done before a
+    restart): each source's strategies, scratch with the first's."""
+    transfer = tuple(s for s in strategies if s != "scratch")
+    groups = [
+        Group(source, ("scratch", *transfer) if i == 0 else transfer, budgets, seeds)
+        for i, source in enumerate(sources)
+    ]
+    return [
+        group
+        for group in groups
+        if group.strategies and any(key not in finished for key in group.cells)
+    ]
 
 
 @dataclass(frozen=True)
@@ -330,8 +410,8 @@ class Cell:
     ended: float
     epoch_ends: list[float] = field(default_factory=list)  # of the chosen run
     curves: list[dict[str, Any]] = field(default_factory=list)  # Curve fields, per lr tried
-    # the group's training seconds per run-epoch (per run for the probe, which has no epochs):
-    # its runs train together, so this is each one's share; measured, not reproduced
+    # its share of its group's training seconds, per epoch of its runs (by their optimizer
+    # steps: see `train_cells`), per run for the probe (no epochs); measured, not reproduced
     epoch_seconds: float = math.nan
 
     @property
@@ -378,7 +458,8 @@ def train_group(data: TargetData, params: Params, group: Group) -> list[Cell]:
         cells.append(Cell(row, history, started, ended, epoch_ends, curves, outcome.epoch_seconds))
         log.info(
             "%s %-20s budget %-6s seed %d: %d labels, test acc %.4f",
-            *(data.name, f"{group.label}/{strategy}", budget, seed, len(subsets[budget, seed])),
+            *(data.name, "/".join(filter(None, [source, strategy])), budget, seed),
+            len(subsets[budget, seed]),
             outcome.test_acc,
         )
     return cells
@@ -441,17 +522,9 @@ class TargetGrid:
             for budget in budgets
             for seed in cfg.seeds
         ]
-        # the groups not finished yet: each source's strategies, scratch with the first's
-        transfer = tuple(s for s in cfg.strategies if s != "scratch")
-        groups = [
-            Group(source, ("scratch", *transfer) if i == 0 else transfer, budgets, seeds)
-            for i, source in enumerate(params.sources)
-        ]
-        self.groups = [
-            group
-            for group in groups
-            if group.strategies and any(key not in self.progress.cells for key in group.cells)
-        ]
+        self.groups = grid_groups(
+            params.sources, cfg.strategies, budgets, seeds, set(self.progress.cells)
+        )
         # the grid's records, under the target's stage record once `open` (none before)
         self.records = GridRecords(Recorder(), self.inputs, cfg.freeze_blocks)
         self.batch_size = cfg.batch_size  # what a run's epoch costs in steps

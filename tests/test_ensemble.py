@@ -119,3 +119,35 @@ def test_members_of_one_stack_share_their_validation_split() -> None:
     ]
     with pytest.raises(ValueError, match="share one validation split"):
         fit_ensemble(members, TrainParams(max_epochs=1))
+
+
+def test_other_architectures_stack_through_vmap() -> None:
+    """A text encoder (no written-out stacked forward) in one stack: each member equals its
+    own run too."""
+    text = ModelParams(backbone="transformer", width=8, layers=1, heads=2, ff_width=16)
+    arch = architecture(text, (10,), {"vocab_size": 20, "pad_id": 0})
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> DeviceData:
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randint(3, 20, (n, 10), generator=g)
+        x[:, 0] = y + 1  # the label's token leads
+        return DeviceData(x, y)
+
+    train, val = tokens(40), tokens(30)
+    cfg = TrainParams(max_epochs=3, patience=2, batch_size=16)
+    members = [
+        Member(
+            build_classifier(arch, 2, seed), DeviceData(train.x[:n], train.y[:n]), val, 3e-3, seed
+        )
+        for seed, n in [(0, 40), (1, 24)]
+    ]
+    for member, (result, model) in zip(members, fit_ensemble(members, cfg), strict=True):
+        expected, expected_model = alone(member, cfg)
+        assert len(result.history) == len(expected.history)
+        for got, want in zip(result.history, expected.history, strict=True):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+        for name, weight in expected_model.state_dict().items():
+            # looser: Adam turns a near-zero gradient's rounding into a full step, and vmap's
+            # batched attention and norms round otherwise (bench/text_ensemble.py: 1e-4 too)
+            torch.testing.assert_close(model.state_dict()[name], weight, rtol=1e-3, atol=1e-3)

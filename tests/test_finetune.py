@@ -11,7 +11,8 @@ import torch
 
 from tasks.config.params import FinetuneParams, ModelParams
 from tasks.data.datasets import Labelled
-from tasks.finetune import PROBE, STRATEGIES, TargetData, train_cells
+from tasks.data.subsets import Budget
+from tasks.finetune import PROBE, STRATEGIES, Group, TargetData, grid_groups, train_cells
 from tasks.learning.ensemble import fit_ensemble
 from tasks.models.classifier import (
     build_classifier,
@@ -148,6 +149,17 @@ def test_a_targets_network_cells_train_as_one_stack_and_the_probe_is_solved_once
     assert sorted(probes) == [12, 12, 48, 48]  # once per subset, for linear_probe and lp_ft
     for key in subsets:  # LP-FT's head is the probe's solution of its own subset
         assert outcomes["lp_ft", *key].hparams["l2"] == outcomes[PROBE, *key].hparams["l2"]
+    # the stack's seconds are shared by optimizer steps: an epoch of 48 labels is 3 steps of
+    # 16, one of 12 labels 1; LP-FT's epochs carry its probe's seconds too
+    for seed in (0, 1):
+        small, large = (outcomes["finetune", budget, seed] for budget in ("small", "large"))
+        assert large.epoch_seconds == pytest.approx(3 * small.epoch_seconds)
+        lp_ft = outcomes["lp_ft", "large", seed]
+        probe = outcomes[PROBE, "large", seed].epoch_seconds
+        chosen = next(c for c in lp_ft.curves if c.lr == lp_ft.hparams["lr"])
+        assert lp_ft.epoch_seconds == pytest.approx(
+            large.epoch_seconds + probe / len(chosen.history)
+        )
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -161,3 +173,19 @@ def test_every_strategy_takes_a_target_of_another_channel_count_and_length(
     other = replace(data, inputs={s: reshaped(d) for s, d in data.inputs.items()})
     outcome = train_cells(other, [strategy], {("b", 0): np.arange(30)}, CFG, CPU)[strategy, "b", 0]
     assert 0 <= outcome.test_acc <= 1 and outcome.val_acc > 0
+
+
+def test_a_group_per_source_with_scratch_in_the_first() -> None:
+    budgets = (Budget("10%", (2, 2)), Budget("100%", (20, 20)))
+    strategies = ["scratch", "linear_probe", "lp_ft"]
+    groups = grid_groups(["a", "b"], strategies, budgets, (0, 1), finished=set())
+    assert groups == [
+        Group("a", ("scratch", "linear_probe", "lp_ft"), budgets, (0, 1)),
+        Group("b", ("linear_probe", "lp_ft"), budgets, (0, 1)),
+    ]
+    scratch = [key for key in groups[0].cells if key[1] == "scratch"]
+    assert {source for source, *_ in scratch} == {""}  # scratch's cells: no source
+    assert len(scratch) == len(budgets) * 2
+    # a group whose every cell is in the progress file is not trained again
+    again = grid_groups(["a", "b"], strategies, budgets, (0, 1), finished=set(groups[1].cells))
+    assert again == groups[:1]

@@ -12,8 +12,8 @@ steps take batches of another size. Validation only: the test split chooses noth
 
 The linear probe trains no epochs (L-BFGS on frozen features): its cost is its seconds, and it
 reaches the goal if its chosen classifier's validation accuracy does. Seconds are measured
-(each run's share of its group's training time), so they vary between executions; steps do
-not.
+(each run's share of its group's training time, by optimizer steps: a group's runs train
+together), so they vary between executions; steps do not.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ written out as grouped convolutions and batched matrix products for cnn1d and ml
 
 Each member keeps everything a separate run has: its own starting weights, training subset, data
 order (its own seeded generator, as in `tasks.learning.train.fit`), which parameters train, a
-learning rate per parameter, Adam state and early stopping. So one stack holds a target's
-strategies (scratch, fine-tuning, partial) at every label budget:
+learning rate per parameter, Adam state and early stopping. So one stack holds a source's
+network strategies (scratch, fine-tuning, LP-FT, partial) at every label budget:
 - **Subsets of different sizes.** The members sit in the stack by their steps per epoch, most
   first; step s of an epoch runs the first members only, those whose epoch has a step s (a
   prefix of the stack: views, no copies). A member whose epoch is over takes no step, and its
@@ -33,6 +33,7 @@ import copy
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -46,15 +47,14 @@ from tasks.learning.train import (
     FitResult,
     Objective,
     autocast,
+    eval_batch_size,
     fit,
 )
-from tasks.models.stacked import stackable, stacked_logits
+from tasks.models.stacked import Weights, stackable, stacked_logits
 
 # torch.optim.Adam's defaults, which `tasks.learning.train.fit` uses
 BETAS, EPS = (0.9, 0.999), 1e-8
-EVAL_MEMBER_EXAMPLES = 4096  # validation examples x members in one stacked forward pass
-
-Weights = dict[str, torch.Tensor]  # parameter name -> (M, *shape): one slice per member
+EVAL_MEMBER_EXAMPLES = 4096  # on CPU: validation examples x members in one forward pass
 
 
 @dataclass(frozen=True)
@@ -148,23 +148,26 @@ class _Stack:
         }
         self.lrs = {
             name: _per_member(
-                [
-                    m.lr * m.rates.get(name, 1.0) * (name in t)
-                    for m, t in zip(self.members, trains, strict=True)
-                ],
+                [m.lr * m.rates.get(name, 1.0) for m in self.members],
                 self.weights[name],
             )
             for name in self.trainable
         }
         self.exp_avg = {name: torch.zeros_like(self.weights[name]) for name in self.trainable}
         self.exp_avg_sq = {name: torch.zeros_like(self.weights[name]) for name in self.trainable}
-        # each member's own step count; float64, as Adam's bias correction in Python floats
-        self.adam_steps = torch.zeros(len(members), dtype=torch.float64, device=self.device)
-        # training sets padded to the largest; padding is never read (see _train_epoch)
+        # each member's own step count, on the host in float64 (Adam's bias correction in
+        # Python floats; MPS has no float64)
+        self.adam_steps = torch.zeros(len(members), dtype=torch.float64)
+        # the members' training sets, each distinct one once (members that share a subset
+        # share its tensors), end to end: member i's example j is pool[offsets[i] + j]
         self.sizes = [len(m.train) for m in self.members]
+        distinct = list({id(m.train): m.train for m in self.members}.values())
+        starts = dict(zip(map(id, distinct), [0, *accumulate(map(len, distinct))], strict=False))
+        self.pool_x = torch.cat([train.x for train in distinct])  # (sum of N, C, L)
+        self.pool_y = torch.cat([train.y for train in distinct])  # (sum of N,)
+        offsets = [starts[id(m.train)] for m in self.members]
+        self.offsets = torch.tensor(offsets, device=self.device)  # (M,)
         longest = self.sizes[0]
-        self.x = torch.stack([_pad(m.train.x, longest) for m in self.members])  # (M, N, C, L)
-        self.y = torch.stack([_pad(m.train.y, longest) for m in self.members])  # (M, N)
         # per example: 1 / the size of its batch in its member's epoch, 0 past the member's end,
         # so a batch's weighted sum is its member's mean loss, as `fit` takes it   (M, N)
         position = torch.arange(longest)
@@ -193,8 +196,16 @@ class _Stack:
             def one(w: Weights, xb: torch.Tensor) -> torch.Tensor:
                 return functional_call(self.template, w, (xb,))
 
-            shared = x.dim() < self.x.dim()
+            shared = x.dim() < self.pool_x.dim() + 1
             return vmap(one, in_dims=(0, None if shared else 0))(weights, x).float()
+
+    def examples(self, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every active member's training examples `span` of its own set, in their order:
+        x (A, B, C, L), y (A, B) (bench/text_ensemble.py and bench/image_ensemble.py step the
+        stack on these)."""
+        positions = torch.arange(span.start, span.stop, device=self.device)
+        index = self.offsets[:, None] + positions  # (A, B) positions in the pool
+        return self.pool_x[index], self.pool_y[index]
 
     def fit(self) -> list[tuple[FitResult, nn.Module]]:
         cfg = self.cfg
@@ -224,10 +235,8 @@ class _Stack:
                 for name, w in self.weights.items():
                     self.best[name].index_copy_(0, to, w.detach().index_select(0, at))
         results = [self._result(slot) for slot in range(len(self.members))]
-        by_member = [None] * len(results)
-        for slot, i in enumerate(self.order_of):
-            by_member[i] = results[slot]
-        return by_member
+        by_member = dict(zip(self.order_of, results, strict=True))
+        return [by_member[i] for i in range(len(results))]
 
     def _keep(self, keep: list[int]) -> None:
         """Drop the slots not in `keep` from the stack: weights, Adam state, data, rates. The
@@ -244,9 +253,9 @@ class _Stack:
             name: w.detach().index_select(0, rows).requires_grad_(name in self.trainable)
             for name, w in self.weights.items()
         }
-        self.x, self.y = self.x.index_select(0, rows), self.y.index_select(0, rows)
+        self.offsets = self.offsets.index_select(0, rows)
         self.example_weight = self.example_weight.index_select(0, rows)
-        self.adam_steps = self.adam_steps.index_select(0, rows)
+        self.adam_steps = self.adam_steps.index_select(0, rows.cpu())
         self.active = keep
 
     def _train_epoch(self) -> torch.Tensor:
@@ -259,18 +268,16 @@ class _Stack:
         for row, i in enumerate(self.active):
             order[row, : sizes[row]] = torch.randperm(sizes[row], generator=self.order_rngs[i])
         order = order.to(self.device)  # (A, N)
-        rows = torch.arange(len(self.active), device=self.device)[:, None]  # (A, 1)
+        order += self.offsets[:, None]  # positions in the pool   (A, N)
         loss_sum = torch.zeros(len(self.active), device=self.device)
         for start in range(0, longest, batch):
             taking = sum(size > start for size in sizes)  # the first rows: sizes descend
-            index = order[:taking, start : start + batch]  # (T, B)
+            index = order[:taking, start : start + batch]  # (T, B) positions in the pool
             weights = {name: w[:taking] for name, w in self.weights.items()}
-            logits = self._logits(weights, self.x[rows[:taking], index])
+            logits = self._logits(weights, self.pool_x[index])  # (T, B, K)
             # (T, B) per-example losses -> (T,) per-member means over their own batches: member
             # i's gradient comes from its own mean alone, as in its own run
-            losses = F.cross_entropy(
-                logits.transpose(1, 2), self.y[rows[:taking], index], reduction="none"
-            )
+            losses = F.cross_entropy(logits.transpose(1, 2), self.pool_y[index], reduction="none")
             share = self.example_weight[:taking, start : start + index.shape[1]]  # (T, B)
             losses = (losses * share).sum(1)
             params = [weights[name] for name in self.trainable]
@@ -290,8 +297,8 @@ class _Stack:
         (beta1, beta2), decay = BETAS, self.cfg.weight_decay
         self.adam_steps[:taking] += 1
         steps = self.adam_steps[:taking]
-        correction1 = (1 - beta1**steps).float()  # (T,)
-        correction2 = (1 - beta2**steps).sqrt().float()
+        correction1 = (1 - beta1**steps).to(self.device, torch.float32)  # (T,)
+        correction2 = (1 - beta2**steps).sqrt().to(self.device, torch.float32)
         # per parameter: (T, 1, ..., 1), broadcast over its shape
         shapes = [(-1, *[1] * (param.dim() - 1)) for param in params]
         if decay:
@@ -300,7 +307,7 @@ class _Stack:
             grad * self.masks[name][:taking] if name in self.masks else grad
             for name, grad in zip(self.trainable, grads, strict=True)
         ]
-        # one kernel launch per operation for all parameters (torch.optim.Adam's foreach path)
+        # one call per operation for all parameters, as torch.optim.Adam's foreach path
         exp_avgs = [self.exp_avg[name][:taking] for name in self.trainable]
         exp_avg_sqs = [self.exp_avg_sq[name][:taking] for name in self.trainable]
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -320,11 +327,13 @@ class _Stack:
     @torch.no_grad()
     def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every active member's mean cross-entropy and count of correct predictions on the
-        validation split: (A,), (A,). In chunks of about EVAL_MEMBER_EXAMPLES / A examples:
-        the activations of every member then stay in cache (54 members of the default cnn1d
-        scored 450 examples 3x faster in chunks of 64 than in one of 450)."""
+        validation split: (A,), (A,). On CPU in chunks of about EVAL_MEMBER_EXAMPLES / A
+        examples: the activations of every member then stay in cache (54 members of the
+        default cnn1d scored 450 examples 3x faster in chunks of 64 than in one of 450); on an
+        accelerator in batches as `fit`'s, fewer launches."""
         data, active = self.val, len(self.active)
-        chunk = max(16, EVAL_MEMBER_EXAMPLES // active)
+        on_cpu = self.device.type == "cpu"
+        chunk = max(16, EVAL_MEMBER_EXAMPLES // active) if on_cpu else eval_batch_size(self.cfg)
         loss_sum = torch.zeros(active, device=self.device)
         correct = torch.zeros(active, device=self.device)
         for start in range(0, len(data), chunk):
@@ -346,9 +355,3 @@ class _Stack:
             self.best_epoch[slot], acc, -neg_loss, self.history[slot], self.epoch_ends[slot]
         )
         return result, model
-
-
-def _pad(values: torch.Tensor, length: int) -> torch.Tensor:
-    """(n, ...) -> (length, ...), zeros after the first n."""
-    padding = values.new_zeros(length - len(values), *values.shape[1:])
-    return torch.cat([values, padding])

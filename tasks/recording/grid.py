@@ -12,10 +12,11 @@ reports/comparison.csv), so that one filter shows a target's strategies side by 
 budget, with their verdicts, without averaging seed runs by eye; the seed runs stay beneath it
 for the curves. Every run has a `level` tag (execution, stage, budget, seed) to filter on.
 
-A group of seeds trains together, so a budget run is recorded with its seeds when their group
-comes back; its gain waits for scratch's group at the same budget (each seed run's, for scratch's
-run on the same subset). Scratch's gain is 0: every strategy then has the metrics the compare
-view plots. Gains are in accuracy points.
+A source's strategies train together at every budget and seed (one group), so a budget run is
+recorded with its seeds when their group comes back; its gain waits for scratch's group (each
+seed run's, for scratch's run on the same subset): scratch trains with the first source's.
+Scratch's gain is 0: every strategy then has the metrics the compare view plots. Gains are in
+accuracy points.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ class GridRecords:
         self._log_late_gains()
 
     def _log_late_gains(self) -> None:
-        """The gains of runs recorded before scratch's group at their budget was in."""
+        """The gains of runs recorded before scratch's group was in."""
         for group, run in self.budget_runs.items():
             if group not in self.budget_gains and (gain := self._budget_gain(group)):
                 metrics, tags = gain
