@@ -234,20 +234,25 @@ def train_cells(
     64, one of 21 labels one step), and lp_ft's epochs carry its probe's seconds too.
     """
     strategies = list(strategies)
-    probes: dict[tuple[str, int], tuple[ProbeResult, float]] = {}  # and its seconds
+    probes: dict[tuple[str, int], ProbeResult] = {}
+    probe_seconds: dict[tuple[str, int], float] = {}
     if PROBE in strategies or "lp_ft" in strategies:
         for key, subset in subsets.items():
             started = time.perf_counter()
-            probes[key] = _fit_probe(data, subset, cfg), time.perf_counter() - started
+            probes[key] = _fit_probe(data, subset, cfg)
+            probe_seconds[key] = time.perf_counter() - started
     outcomes = {
         (PROBE, *key): Outcome(
-            probe.val_acc, probe.val_loss, probe.test_acc, {"l2": probe.l2}, epoch_seconds=seconds
+            probe.val_acc,
+            probe.val_loss,
+            probe.test_acc,
+            {"l2": probe.l2},
+            epoch_seconds=probe_seconds[key],
         )
-        for key, (probe, seconds) in probes.items()
+        for key, probe in probes.items()
         if PROBE in strategies
     }
-    solved = {key: probe for key, (probe, _) in probes.items()}
-    plans = _plan_networks(data, strategies, subsets, solved, cfg, device)
+    plans = _plan_networks(data, strategies, subsets, probes, cfg, device)
     if not plans:
         return outcomes
     vectorise = data.checkpoint["arch"]["name"] in VECTORISED
@@ -259,13 +264,12 @@ def train_cells(
     transform = build_augmentation(cfg.augment, "finetune.augment", shape)
     for cells in batches:
         runs = {cell: _runs(plans[cell], cfg, transform) for cell in cells}
+        members = [member for cell in cells for member in runs[cell]]
         started = time.perf_counter()
-        fitted = fit_ensemble([member for cell in cells for member in runs[cell]], cfg, vectorise)
+        fitted = fit_ensemble(members, cfg, vectorise)
         steps = sum(
-            len(result.history) * _steps(len(member.train), cfg)
-            for member, (result, _) in zip(
-                (m for cell in cells for m in runs[cell]), fitted, strict=True
-            )
+            len(result.history) * _steps(len(member.train), cfg.batch_size)
+            for member, (result, _) in zip(members, fitted, strict=True)
         )
         step_seconds = (time.perf_counter() - started) / max(steps, 1)
         fitted = iter(fitted)
@@ -279,9 +283,9 @@ def train_cells(
                 Curve(lr_, r.history, r.epoch_ends, r.best_epoch, r.best_val_acc)
                 for r, _, lr_ in tried
             ]
-            epoch_seconds = step_seconds * _steps(len(plans[cell].train), cfg)
+            epoch_seconds = step_seconds * _steps(len(plans[cell].train), cfg.batch_size)
             if cell[0] == "lp_ft":  # its probe, solved for it too, spread over its epochs
-                epoch_seconds += probes[cell[1:]][1] / len(result.history)
+                epoch_seconds += probe_seconds[cell[1:]] / len(result.history)
             outcomes[cell] = Outcome(
                 result.best_val_acc,
                 result.best_val_loss,
@@ -294,9 +298,9 @@ def train_cells(
     return outcomes
 
 
-def _steps(labels: int, cfg: FinetuneParams) -> int:
+def _steps(labels: int, batch_size: int) -> int:
     """Optimizer steps in an epoch of `labels` examples."""
-    return -(-labels // cfg.batch_size)
+    return -(-labels // batch_size)
 
 
 def _plan_networks(
@@ -566,7 +570,7 @@ class TargetGrid:
             "n_labels": row["n_labels"],
             "val_acc": row["val_acc"],
             "val_acc_curve": [epoch["val/acc"] for epoch in cell.history],
-            "steps_per_epoch": -(-row["n_labels"] // self.batch_size) if cell.history else 0,
+            "steps_per_epoch": _steps(row["n_labels"], self.batch_size) if cell.history else 0,
         }
 
 

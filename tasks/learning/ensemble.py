@@ -196,7 +196,7 @@ class _Stack:
             def one(w: Weights, xb: torch.Tensor) -> torch.Tensor:
                 return functional_call(self.template, w, (xb,))
 
-            shared = x.dim() < self.pool_x.dim() + 1
+            shared = x.dim() == self.pool_x.dim()  # (B, C, L), as the pool's (N, C, L)
             return vmap(one, in_dims=(0, None if shared else 0))(weights, x).float()
 
     def examples(self, span: slice) -> tuple[torch.Tensor, torch.Tensor]:
