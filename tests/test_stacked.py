@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -33,6 +35,32 @@ def test_stacked_logits_equal_each_members_model(backbone: str, shared: bool) ->
         with torch.no_grad():
             expected = model(x if shared else x[i])
         torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["cnn1d", "mlp"])
+def test_stacked_gradients_equal_each_members_model(backbone: str) -> None:
+    # what training steps on: each member's loss on its own batch, differentiated through the
+    # stacked weights (the first layer's product of windows, the channels-last convolutions)
+    arch = architecture(ModelParams(backbone=backbone, channels=[5, 7], hidden=[9, 6]), (2, 23))
+    models = [build_classifier(arch, 4, seed) for seed in range(3)]
+    names = [name for name, _ in models[0].named_parameters()]
+    weights = {
+        name: torch.stack([dict(m.named_parameters())[name].detach() for m in models])
+        .clone()
+        .requires_grad_()
+        for name in names
+    }
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(3, 11, 2, 23, generator=g), torch.randint(0, 4, (3, 11), generator=g)
+    logits = stacked_logits(copy.deepcopy(models[0]).to("meta"), weights, x)
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+    stacked = torch.autograd.grad(losses.sum(), [weights[name] for name in names])
+
+    for i, model in enumerate(models):
+        loss = torch.nn.functional.cross_entropy(model(x[i]), y[i], reduction="sum")
+        alone = torch.autograd.grad(loss, list(model.parameters()))
+        for name, got, expected in zip(names, stacked, alone, strict=True):
+            torch.testing.assert_close(got[i], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_other_backbones_are_not_stackable() -> None:

@@ -328,8 +328,8 @@ class _Stack:
     def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every active member's mean cross-entropy and count of correct predictions on the
         validation split: (A,), (A,). On CPU in chunks of about EVAL_MEMBER_EXAMPLES / A
-        examples: the activations of every member then stay in cache (54 members of the
-        default cnn1d scored 450 examples 3x faster in chunks of 64 than in one of 450); on an
+        examples: every member's activations then stay small and in cache (54 members of the
+        default cnn1d scored 450 examples in 46 ms in chunks of 75, 52 ms in one); on an
         accelerator in batches as `fit`'s, fewer launches."""
         data, active = self.val, len(self.active)
         on_cpu = self.device.type == "cpu"
