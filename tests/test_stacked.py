@@ -37,11 +37,19 @@ def test_stacked_logits_equal_each_members_model(backbone: str, shared: bool) ->
         torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backbone", ["cnn1d", "mlp"])
-def test_stacked_gradients_equal_each_members_model(backbone: str) -> None:
+@pytest.mark.parametrize(
+    "model",
+    [
+        ModelParams(backbone="cnn1d", channels=[5, 7], kernel_size=5),
+        ModelParams(backbone="cnn1d", channels=[5], kernel_size=3),  # the first layer alone
+        ModelParams(backbone="mlp", hidden=[9, 6]),
+    ],
+    ids=["cnn1d", "cnn1d-one-block", "mlp"],
+)
+def test_stacked_gradients_equal_each_members_model(model: ModelParams) -> None:
     # what training steps on: each member's loss on its own batch, differentiated through the
     # stacked weights (the first layer's product of windows, the channels-last convolutions)
-    arch = architecture(ModelParams(backbone=backbone, channels=[5, 7], hidden=[9, 6]), (2, 23))
+    arch = architecture(model, (2, 23))
     models = [build_classifier(arch, 4, seed) for seed in range(3)]
     names = [name for name, _ in models[0].named_parameters()]
     weights = {

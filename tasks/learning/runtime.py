@@ -45,18 +45,18 @@ def configure(runtime: RuntimeParams) -> torch.device:
 
 # glibc's mallopt parameters (malloc.h), and what they are set to
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD = 32 << 20  # bytes: glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64 bits)
+MMAP_THRESHOLD = 32 << 20  # bytes: glibc's documented maximum (DEFAULT_MMAP_THRESHOLD_MAX)
 TRIM_THRESHOLD = 512 << 20  # bytes of free memory at the heap's top kept for reuse
 
 
 def reuse_freed_memory() -> None:
     """Have glibc's malloc serve tensors of up to 32 MB from its heap and keep freed memory for
     the next ones, rather than map fresh pages for each and unmap them when freed. A stacked
-    training step allocates and frees activations of a few MB, so by default every step
-    faulted them in again: 18 members of the default cnn1d took 150 to 550 page faults and 0.5
-    to 1 ms of kernel time a step, 8 to 20 and 0.1 ms so (9.1 to 9.3 ms a step against 9.6 to
-    10.2). Elsewhere (macOS, musl)
-    nothing changes."""
+    training step allocates and frees activations of a few MB, and by default every step
+    faulted them in again. For 18 members of the default cnn1d, a step took 150 to 550 page
+    faults, 0.5 to 1 ms of kernel time and 9.6 to 10.2 ms in all; with this, 8 to 20 faults,
+    0.1 ms and 9.1 to 9.3 ms. The cost: a process may keep up to 512 MB of freed memory (a Dask
+    worker reports it as unmanaged). Off Linux, or without glibc (musl), nothing changes."""
     if not sys.platform.startswith("linux"):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # glibc's; musl has none

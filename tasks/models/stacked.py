@@ -1,12 +1,13 @@
 """The forward pass of many small networks of one architecture at once: what the fine-tuning
 ensemble (tasks/learning/ensemble.py) trains its members with.
 
-Each member's weights are a slice of a stacked tensor (M, *shape). The members' convolutions
-are one grouped convolution (groups = M, the members' channels side by side), their linear
-layers one batched matrix product. `torch.func.vmap` over `functional_call` lowers to the same
-kernels, with a fixed cost per step of its own; written out, a step of the default grid's stack
-is about 10% faster. Backbones: `cnn1d` and `mlp` (tasks/models/classifier.py), the ones that
-train stacked.
+Each member's weights are a slice of a stacked tensor (M, *shape). cnn1d's first layer is one
+matrix product of the input's windows with the members' filters, its other layers one grouped
+convolution each (groups = M, the members' channels side by side); linear layers are one
+batched matrix product. Anything else goes through `torch.func.vmap` over `functional_call`
+(tasks/learning/ensemble.py), which pays a fixed cost per step of its own. Backbones: `cnn1d`
+and `mlp` (tasks/models/classifier.py), the ones that train stacked. The layouts were chosen
+on CPU (bench/stacked_conv.py); on a GPU they are correct but their speed is unmeasured.
 """
 
 from __future__ import annotations
