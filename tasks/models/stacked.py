@@ -83,7 +83,7 @@ def _first_layer(conv: nn.Conv1d, weights: Weights, x: torch.Tensor, members: in
     windows = F.pad(x, (padding, padding)).unfold(-1, kernel, stride).transpose(-3, -2).flatten(-2)
     batch, length = windows.shape[-3], windows.shape[-2]
     if x.dim() == 4:  # each member its own windows: (M, B * L_out, C * k) @ (M, C * k, O)
-        h = torch.baddbmm(bias.unsqueeze(1), windows.flatten(1, 2), weight.transpose(1, 2))
+        h = _linear(windows.flatten(1, 2), weight, bias)  # (M, B * L_out, O)
         # (M, B, L_out, O) -> (B, L_out, M, O): the members' channels side by side, a copy
         h = F.relu(h).view(members, batch, length, -1).permute(1, 2, 0, 3)
         h = h.reshape(batch, 1, length, -1)
